@@ -1,0 +1,1 @@
+"""genai-lab chat package."""

@@ -1,0 +1,181 @@
+"""Our GPT is the same function as transformers' LlamaForCausalLM, and its KV cache changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from core import GPT, GPTConfig, ModelLoadError, load_model, save_model
+from core.generate import PromptTooLongError, generate
+
+CONFIGS = [
+    # (hidden, heads, kv_heads, layers, tied, head_dim, bias)
+    (64, 4, 4, 2, True, None, False),  # plain multi-head attention
+    (64, 4, 2, 2, False, None, False),  # GQA, untied
+    (96, 6, 1, 3, True, None, False),  # multi-query attention
+    (64, 4, 2, 2, True, 32, True),  # head_dim != hidden/heads, biases (Qwen-like)
+]
+
+
+def random_gpt(hidden, heads, kv, layers, tied, head_dim=None, bias=False, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(
+        vocab_size=101,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        tie_word_embeddings=tied,
+        attention_bias=bias,
+        mlp_bias=bias,
+    )
+    model = GPT(cfg)
+    # Large random weights (and non-trivial norm gains) so any wiring mistake shows in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("spec", CONFIGS)
+def test_logits_match_transformers_llama(tmp_path, spec):
+    ours = random_gpt(*spec)
+    save_model(ours, tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert isinstance(reference, LlamaForCausalLM)
+    ids = torch.randint(0, 101, (3, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        reloaded = load_model(tmp_path)(ids)
+        direct = ours(ids)
+    assert expected.abs().max() > 1.0  # the comparison is not between near-zero tensors
+    assert (direct - expected).abs().max().item() <= 1e-4
+    assert (reloaded - expected).abs().max().item() <= 1e-4
+
+
+def test_loads_folder_saved_by_transformers(tmp_path):
+    cfg = LlamaConfig(
+        vocab_size=77,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    reference = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0.0, 0.3)
+    reference.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    ids = torch.randint(0, 77, (2, 20))
+    with torch.no_grad():
+        diff = (ours(ids) - reference(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert ours.num_parameters() == reference.num_parameters()
+
+
+def test_kv_cache_gives_same_logits_as_full_pass():
+    model = random_gpt(64, 4, 2, 2, True)
+    ids = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch_size=2)
+        pieces = [model(ids[:, :10], cache=cache), model(ids[:, 10:11], cache=cache)]
+        pieces.append(model(ids[:, 11:25], cache=cache))  # a chunk after a cache: offset mask
+        pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(25, 30)]
+    assert cache.length == 30
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-4)
+
+
+def test_greedy_generation_same_with_and_without_cache():
+    model = random_gpt(64, 4, 2, 2, False, seed=5)
+    prompt = [1, 2, 3, 4, 5]
+    with_cache = generate(model, prompt, max_new_tokens=40, temperature=0.0)
+    without = generate(model, prompt, max_new_tokens=40, temperature=0.0, use_cache=False)
+    assert len(with_cache) == 40
+    assert with_cache == without
+    assert len(set(with_cache)) > 1  # a degenerate model repeating one token would prove little
+
+
+def test_sampled_generation_same_with_and_without_cache():
+    model = random_gpt(64, 4, 2, 2, True, seed=6)
+    kw = dict(max_new_tokens=30, temperature=1.0, top_k=20, top_p=0.9, seed=11)
+    assert generate(model, [7, 8], **kw) == generate(model, [7, 8], use_cache=False, **kw)
+
+
+def test_generation_stops_at_context_and_stop_ids():
+    model = random_gpt(64, 4, 2, 2, True)
+    out = generate(model, list(range(60)), max_new_tokens=50, temperature=0.0)
+    assert len(out) == 4  # 60 prompt tokens + 4 new = the 64-token context
+    first = generate(model, [1, 2], max_new_tokens=5, temperature=0.0)[0]
+    assert generate(model, [1, 2], max_new_tokens=5, temperature=0.0, stop_ids=[first]) == []
+    with pytest.raises(PromptTooLongError, match="context is 64 tokens"):
+        generate(model, list(range(64)), max_new_tokens=1)
+
+
+def test_parameter_and_flop_counts():
+    model = random_gpt(64, 4, 2, 2, True)
+    c = model.config
+    per_layer = (
+        c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+        + 3 * c.hidden_size * c.intermediate_size
+        + 2 * c.hidden_size
+    )
+    expected = c.vocab_size * c.hidden_size + c.num_hidden_layers * per_layer + c.hidden_size
+    assert model.num_parameters() == expected
+    fwd = model.flops_per_token(seq_len=64, training=False)
+    dense = expected - c.hidden_size * (2 * c.num_hidden_layers + 1)  # norms are not matmuls
+    assert fwd == pytest.approx(2 * dense + 4 * c.num_hidden_layers * c.hidden_size * 64, rel=0.01)
+    assert model.flops_per_token(64, training=True) == 3 * fwd
+
+
+def test_context_overflow_is_a_clear_error():
+    model = random_gpt(64, 4, 2, 1, True)
+    with pytest.raises(ValueError, match="longer than the model's context of 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_non_llama_folder_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
+    with pytest.raises(ModelLoadError, match="model_type 'gpt2' is not Llama-family"):
+        load_model(tmp_path)
+
+
+def test_pickle_weights_are_never_loaded(tmp_path):
+    model = random_gpt(64, 4, 2, 1, True)
+    save_model(model, tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only safetensors"):
+        load_model(tmp_path)
+
+
+def test_missing_folder_and_mismatched_weights(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a model folder"):
+        load_model(tmp_path / "nope")
+    save_model(random_gpt(64, 4, 2, 1, True), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="weights do not match"):
+        load_model(tmp_path)
+
+
+def test_save_is_atomic_and_overwrites(tmp_path):
+    a, b = random_gpt(64, 4, 2, 1, True, seed=1), random_gpt(64, 4, 2, 1, True, seed=2)
+    save_model(a, tmp_path / "m")
+    save_model(b, tmp_path / "m")
+    ids = torch.randint(0, 101, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(load_model(tmp_path / "m")(ids), b(ids), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp folders left behind
