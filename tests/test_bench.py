@@ -1,0 +1,28 @@
+"""`genai-lab bench --quick` runs end to end and reports every figure (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_bench_quick_reports_all_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "core", "bench", "--quick", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    for phrase in ("matmul peak", "training", "model-FLOPs utilisation", "generation", "decode"):
+        assert phrase in result.stdout
+    data = json.loads(out.read_text())
+    for shape in ("tutor-base", "12M"):
+        gen, train = data[shape]["generation"], data[shape]["training"]
+        assert train["speedup"] > 0 and gen["speedup"] > 0 and data[shape]["mfu"] > 0
+        assert gen["new_tokens"] == 110
