@@ -3,15 +3,53 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from core.model import GPT
-from core.sampling import sample_next_token
+from core.sampling import probabilities, sample_next_token
 
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit in the model's context window."""
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One generated token with what the model was choosing between (for "why this token")."""
+
+    token_id: int
+    probability: float  # of the chosen token, under the raw (temperature 1) distribution
+    top_ids: list[int]  # the most likely tokens before any filter, best first
+    top_probabilities: list[float]
+
+
+@torch.inference_mode()
+def stream_steps(
+    model: GPT,
+    input_ids: list[int] | torch.Tensor,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_ids: Iterable[int] = (),
+    use_cache: bool = True,
+    top_n: int = 5,
+) -> Iterator[GenerationStep]:
+    """Like `stream_tokens`, but each item also carries the model's top alternatives."""
+    for token_id, logits in _generate(
+        model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, use_cache
+    ):
+        probs = probabilities(logits.float())
+        top = probs.topk(min(top_n, probs.numel()))
+        yield GenerationStep(
+            token_id=token_id,
+            probability=float(probs[token_id]),
+            top_ids=top.indices.tolist(),
+            top_probabilities=top.values.tolist(),
+        )
 
 
 @torch.inference_mode()
@@ -32,6 +70,25 @@ def stream_tokens(
     Without the cache every step re-reads the whole text (quadratic work); with it, each step
     processes only the newest token. Both give the same tokens (tested).
     """
+    for token_id, _ in _generate(
+        model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, use_cache
+    ):
+        yield token_id
+
+
+@torch.inference_mode()
+def _generate(
+    model: GPT,
+    input_ids,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    stop_ids: Iterable[int],
+    use_cache: bool,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The decoding loop: yields (token id, the raw logits [V] it was sampled from)."""
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
     context = model.config.max_position_embeddings
     if ids.shape[1] == 0:
@@ -54,7 +111,7 @@ def stream_tokens(
         token_id = int(token.reshape(-1)[0])
         if token_id in stop:
             return
-        yield token_id
+        yield token_id, logits[0]
         if step == budget - 1:
             return  # no forward pass for a token nobody will sample
         next_ids = token.reshape(1, 1).to(device)

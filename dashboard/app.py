@@ -14,9 +14,28 @@ if str(ROOT) not in sys.path:
 
 PAGES = Path(__file__).parent / "pages"
 
-st.set_page_config(page_title="genai-lab", page_icon="🧪", layout="wide")
-
-pages = [
-    st.Page(PAGES / "home.py", title="Home", icon="🏠", default=True),
+# (module, title, icon) in the learning path's order.
+PAGE_ORDER = [
+    ("home", "Home", "🏠"),
+    ("taxonomy", "AI, ML, DL, GenAI", "🪆"),
+    ("tokens", "Tokens", "🔤"),
+    ("next_token", "Next token & sampling", "🎲"),
+    ("embeddings", "Embeddings", "🧭"),
+    ("training_stages", "Training stages", "🏗️"),
+    ("quantization", "Quantization", "🗜️"),
+    ("lora", "LoRA & QLoRA", "🧩"),
+    ("chat", "Chat", "💬"),
 ]
-st.navigation(pages).run()
+
+
+def available_pages() -> list:
+    pages = []
+    for module, title, icon in PAGE_ORDER:
+        path = PAGES / f"{module}.py"
+        if path.is_file():
+            pages.append(st.Page(path, title=title, icon=icon, default=module == "home"))
+    return pages
+
+
+st.set_page_config(page_title="genai-lab", page_icon="🧪", layout="wide")
+st.navigation(available_pages()).run()

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from core import GPT, GPTConfig, ModelLoadError, load_model, save_model
-from core.generate import PromptTooLongError, generate
+from core.generate import PromptTooLongError, generate, stream_steps
 
 CONFIGS = [
     # (hidden, heads, kv_heads, layers, tied, head_dim, bias)
@@ -179,3 +179,16 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     with torch.no_grad():
         assert torch.allclose(load_model(tmp_path / "m")(ids), b(ids), atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp folders left behind
+
+
+def test_stream_steps_report_the_chosen_token_and_alternatives():
+    model = random_gpt(64, 4, 2, 2, True, seed=8)
+    steps = list(stream_steps(model, [3, 4, 5], max_new_tokens=10, temperature=0.0, top_n=4))
+    assert [s.token_id for s in steps] == generate(
+        model, [3, 4, 5], max_new_tokens=10, temperature=0
+    )
+    for s in steps:
+        assert s.top_ids[0] == s.token_id  # greedy picks the most likely token
+        assert s.probability == pytest.approx(s.top_probabilities[0])
+        assert s.top_probabilities == sorted(s.top_probabilities, reverse=True)
+        assert len(s.top_ids) == 4 and 0 < sum(s.top_probabilities) <= 1 + 1e-6
