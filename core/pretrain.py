@@ -25,6 +25,7 @@ from core.checkpoint import latest_checkpoint, load_training_state, save_checkpo
 from core.config import save_config
 from core.hf import atomic_directory, load_model, save_model
 from core.model import GPT, GPTConfig
+from core.plots import plot_loss_curve
 from core.tokenizer import encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -310,4 +311,5 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, pro
             model.eval(), tokenizer, corpus_lib.held_out_prefixes(500)
         )
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png", title="pre-training")
     return report

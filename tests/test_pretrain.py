@@ -66,6 +66,7 @@ def test_tiny_pretraining_learns_and_saves_a_loadable_model(tmp_path):
     assert first_eval > math.log(600)  # starts near uniform over the vocabulary
     assert last_eval < 0.6 * first_eval
     assert report["next_word_kl"] < first_eval  # measured against the corpus's true distribution
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000  # the loss-curve figure
     model = load_model(tmp_path / "run" / "final")
     assert model.num_parameters() == report["parameters"]
     # checkpoints: only the newest `keep_checkpoints`, each a complete folder
