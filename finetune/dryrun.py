@@ -1,0 +1,98 @@
+"""`genai-lab finetune --dry-run`: what a run would train and how much memory it would need,
+from the model's config alone. The model is built on PyTorch's meta device (shapes, no data),
+so a 70B model costs nothing to inspect and no weights are downloaded."""
+
+from __future__ import annotations
+
+import torch
+
+from finetune.config import FinetuneConfig
+from finetune.estimate import (
+    PRECISIONS,
+    activation_elements_per_token,
+    counts_from_model,
+    format_bytes,
+    memory_breakdown,
+)
+
+LABELS = {"fp32": "fp32", "bf16": "bf16", "int8": "8-bit", "nf4": "4-bit NF4"}
+
+
+def shape_of(config) -> dict:
+    """The Llama-style numbers the activation estimate needs, from any transformers config."""
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": getattr(text, "intermediate_size", None) or 4 * hidden,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(text, "head_dim", None) or hidden // heads,
+        "vocab_size": text.vocab_size,
+    }
+
+
+def dry_run(cfg: FinetuneConfig, echo=print, seq_len: int | None = None) -> dict:
+    """Print and return the estimate. `seq_len` defaults to max_length (or the model's context,
+    capped at 2048); a run passes its longest row, which is as far as padding goes."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.modeling import (
+        check_target_modules,
+        context_length,
+        default_target_modules,
+        load_config,
+        pick_device,
+    )
+
+    if cfg.method not in ("lora", "qlora"):
+        raise ValueError(f"method must be lora or qlora, got {cfg.method!r}")
+    config = load_config(cfg.model, cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    targets = cfg.target_modules or default_target_modules(model)
+    check_target_modules(model, targets)
+    counts = counts_from_model(model, targets)
+    trainable = counts["lora_per_rank"] * cfg.lora_rank
+    seq_len = seq_len or cfg.max_length or min(context_length(config) or 2048, 2048)
+    tokens = cfg.batch_size * seq_len
+    shape = shape_of(config)
+    table = memory_breakdown(
+        counts["total"],
+        counts["quantizable"],
+        trainable,
+        "lora",
+        activation_values=tokens * activation_elements_per_token(shape, "lora"),
+        logit_values=tokens * shape["vocab_size"],
+    )
+    device = pick_device(cfg.device) if cfg.device != "auto" else "cpu"
+    chosen = "nf4" if cfg.method == "qlora" else ("fp32" if device == "cpu" else "bf16")
+    percent = 100 * trainable / counts["total"]
+    echo(f"{cfg.model}: {config.model_type}, {counts['total']:,} parameters")
+    echo(f"LoRA rank {cfg.lora_rank} on {', '.join(targets)}")
+    echo(f"trainable: {trainable:,} parameters ({percent:.3f}% of the model)")
+    echo(f"estimated training memory, batch {cfg.batch_size} x {seq_len} tokens, AdamW:")
+    header = f"  {'frozen weights':<12} {'weights':>10} {'gradients':>10} {'optimizer':>10}"
+    echo(header + f" {'activations':>12} {'total':>10}")
+    for precision in PRECISIONS:
+        row = table[precision]
+        mark = "  <- this run" if precision == chosen else ""
+        echo(
+            f"  {LABELS[precision]:<12} {format_bytes(row['weights']):>10} "
+            f"{format_bytes(row['gradients']):>10} {format_bytes(row['optimizer']):>10} "
+            f"{format_bytes(row['activations']):>12} {format_bytes(row['total']):>10}{mark}"
+        )
+    echo("  (estimates: see finetune/estimate.py for the assumptions; no weights were loaded)")
+    return {
+        "model": cfg.model,
+        "total_parameters": counts["total"],
+        "trainable_parameters": trainable,
+        "trainable_percent": percent,
+        "target_modules": targets,
+        "batch_size": cfg.batch_size,
+        "seq_len": seq_len,
+        "this_run": chosen,
+        **table,
+    }

@@ -1,0 +1,164 @@
+"""Turning a conversation into token ids and a mask of the tokens the loss is computed on.
+
+The model's own chat template renders the text (a model fine-tuned in one format and prompted in
+another answers badly). Which characters are the assistant's is found by rendering prefixes: the
+text of turns 0..i with a generation prompt, then with assistant turn i added; what the second adds
+is the answer, end-of-turn marker included (trailing layout whitespace not), so the model also learns when to stop. This works for
+any template that renders a conversation as the concatenation of its turns, with or without
+`{% generation %}` markers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+
+# Used when a tokenizer has no chat template (base models). Documented in the README:
+#   ### User:\n{content}\n\n### Assistant:\n{content}{eos}\n\n   (system turns: "### System:")
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '### ' + message['role'] | capitalize + ':\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}{{- message['content'] -}}{%- endif -%}"
+    "{{- '\\n\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '### Assistant:\\n' -}}{%- endif -%}"
+)
+
+
+class RenderError(ValueError):
+    """A conversation the chat template cannot render (or not as a sequence of turns)."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    trained: list[bool]  # True where the token is a target of the loss
+
+    @property
+    def num_trained(self) -> int:
+        return sum(self.trained)
+
+    def labels(self) -> list[int]:
+        return [t if keep else -100 for t, keep in zip(self.input_ids, self.trained, strict=True)]
+
+
+def ensure_chat_template(tokenizer, template: str | None = None) -> str:
+    """Give the tokenizer a chat template; returns where it came from ("model", "default", or
+    the file it was read from). A user's template file wins over the model's."""
+    if template:
+        from pathlib import Path
+
+        tokenizer.chat_template = Path(template).read_text(encoding="utf-8")
+        return template
+    if getattr(tokenizer, "chat_template", None):
+        return "model"
+    if tokenizer.eos_token is None:
+        raise RenderError("the tokenizer has no chat template and no eos token to end answers with")
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return "default"
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except TemplateError as e:
+        raise RenderError(f"chat template: {e}") from None
+
+
+def trained_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of every assistant answer."""
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1])
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise RenderError(
+                "the chat template does not render turn by turn (a prefix of the conversation "
+                "renders differently), so the answers cannot be located; pass --chat-template"
+            )
+        end = len(upto)
+        while end > len(before) and upto[end - 1].isspace():
+            end -= 1  # the newline after the end-of-turn marker is layout, not the answer
+        spans.append((len(before), end))
+    return text, spans
+
+
+def encode(tokenizer, conversation: list[dict] | str, train_on_prompt: bool = False) -> Encoded:
+    """Token ids and loss mask of one row (a conversation, or plain text for the text format)."""
+    if isinstance(conversation, str):
+        ids = tokenizer(conversation, add_special_tokens=True)["input_ids"]
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]  # a document starts after BOS, as in pre-training
+        if eos is not None:
+            ids = [*ids, eos]  # ... and ends with EOS, so the model learns to stop
+        return Encoded(ids, [True] * len(ids))
+    text, spans = trained_spans(tokenizer, conversation)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [
+        train_on_prompt or any(lo <= start < hi for lo, hi in spans)
+        for start, _ in enc["offset_mapping"]
+    ]
+    return Encoded(list(enc["input_ids"]), trained)
+
+
+def held_out_prompt(
+    tokenizer, conversation: list[dict] | str, prompt_tokens: int = 16
+) -> tuple[str, str]:
+    """(prompt, reference answer) of a row: the rendered conversation up to its last answer with
+    the generation prompt, and that answer (plain text: its first `prompt_tokens` tokens and the
+    rest)."""
+    if isinstance(conversation, str):
+        ids = encode(tokenizer, conversation).input_ids
+        rest = tokenizer.decode(ids[prompt_tokens:], skip_special_tokens=True)
+        return tokenizer.decode(ids[:prompt_tokens]), rest
+    return _render(tokenizer, conversation[:-1], generation_prompt=True), conversation[-1][
+        "content"
+    ]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer: EOS, and the token the chat template puts right after the
+    assistant's content (<|end|>, <|im_end|>, <|eot_id|> ...)."""
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    marker = "\x00answer\x00"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = _render(tokenizer, messages)
+    except RenderError:
+        return sorted(stops)
+    end = text.find(marker)
+    if end >= 0:
+        end += len(marker)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        after = [
+            i for i, (s, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if s >= end
+        ]
+        if after and after[0] in tokenizer.all_special_ids:
+            stops.add(after[0])
+    return sorted(stops)
+
+
+def preview(tokenizer, encoded: Encoded, color: bool = False) -> str:
+    """The rendered example with the trained tokens marked: «like this» (or in green on a
+    terminal)."""
+    on, off = ("\x1b[1;32m", "\x1b[0m") if color else ("«", "»")
+    out, run = [], []
+    # Decode runs of tokens with the same mask together (a lone byte-level token may be half a
+    # UTF-8 character).
+    for i, keep in enumerate(encoded.trained):
+        run.append(encoded.input_ids[i])
+        if i + 1 == len(encoded.trained) or encoded.trained[i + 1] != keep:
+            piece = tokenizer.decode(run, skip_special_tokens=False)
+            out.append(f"{on}{piece}{off}" if keep else piece)
+            run = []
+    return "".join(out)
