@@ -1,1 +1,13 @@
-"""genai-lab chat package."""
+"""genai-lab chat: every model the project has as a LangChain chat model, a conversational chain
+with SQLite-backed memory and concept retrieval, and the `genai-lab chat` command.
+
+    from chat.models import load_chat_model      # "tutor", "PATH", "PATH+ADAPTER", "openai:gpt-4o"
+    from chat.memory import ChatStore            # conversations in SQLite, one thread id each
+    from chat.session import ChatSession         # ask / stream one thread with one model
+    from chat.retrieval import ConceptRetriever  # MiniLM over core.concepts, cites dashboard pages
+
+Modules: core_model (ChatCoreGPT, our GPT as a BaseChatModel), hf_model (transformers and LoRA
+adapters through ChatHuggingFace), models (the spec factory), chain (context budget and LCEL
+chain), retrieval, memory (LangGraph graph + SqliteSaver), session, cli. Nothing is imported
+here, so `genai-lab` starts fast whichever subcommand runs.
+"""

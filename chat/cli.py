@@ -1,9 +1,223 @@
-"""`genai-lab` subcommands of the chat package (issue 5 fills these in)."""
+"""`genai-lab chat`: the demo chatbot in the terminal (a REPL that streams tokens, or `--once`)."""
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from core.cli import cli_errors
+
+HELP = """commands:
+  /reset          forget this thread's conversation
+  /history        show this thread's messages
+  /model [SPEC]   show the model, or switch to SPEC (tutor, tutor-sft, PATH, PATH+ADAPTER, ...)
+  /quit           leave (Ctrl-D too); Ctrl-C stops an answer, not the program"""
 
 
 def register(app: typer.Typer) -> None:
     """Add chat's subcommands to the root app."""
+    app.command("chat")(chat_command)
+
+
+@cli_errors
+def chat_command(
+    model: Annotated[
+        str,
+        typer.Option(help="tutor, tutor-sft, tutor-base, PATH, PATH+ADAPTER or provider:model."),
+    ] = "tutor",
+    system: Annotated[
+        str | None, typer.Option(help="System prompt ('' for none; default: the tutor's own).")
+    ] = None,
+    thread: Annotated[str, typer.Option(help="Conversation id: same id, same memory.")] = "default",
+    db: Annotated[
+        Path | None,
+        typer.Option(help="SQLite file of conversations (default: in your data folder)."),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (local models).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Answer length limit, in tokens.")] = None,
+    no_retrieval: Annotated[
+        bool, typer.Option("--no-retrieval", help="Don't look up the dashboard's concept notes.")
+    ] = False,
+    grounding: Annotated[
+        str,
+        typer.Option(
+            help="Where found notes go: prompt, cite (only cited), auto (prompt if the model "
+            "reads >= 512 tokens; the tiny tutor answers better without them)."
+        ),
+    ] = "auto",
+    once: Annotated[
+        str | None, typer.Option(help="Answer this one message and exit (for scripts).")
+    ] = None,
+    history: Annotated[
+        bool, typer.Option("--history", help="Print the thread's messages and exit.")
+    ] = False,
+) -> None:
+    """Chat with the tutor (or any model) in the terminal; conversations are saved per thread."""
+    from chat.chain import DEFAULT_SYSTEM_PROMPT, notes_in_prompt
+    from chat.hf_model import Sampling
+    from chat.memory import ChatStore, default_db_path
+    from chat.session import ChatSession
+
+    notes_in_prompt(grounding, 0)  # an unknown mode fails before anything loads
+    if once is not None and history:
+        raise ValueError("--once and --history do not go together: use one, then the other")
+    store = ChatStore(db or default_db_path())
+    if history:
+        print_history(store.messages(thread), thread)
+        return
+    if once is not None and not once.strip():
+        raise ValueError("empty message: --once needs some text")
+    _quiet_libraries()
+    sampling = Sampling(temperature, top_k, top_p, max_tokens, seed)
+    session = ChatSession(
+        store,
+        _load(model, sampling),
+        thread_id=thread,
+        system_prompt=DEFAULT_SYSTEM_PROMPT if system is None else system,
+        retriever=None if no_retrieval else _retriever(),
+        grounding=grounding,
+    )
+    if once is not None:
+        result = _answer(session, once)
+        if result.sources:
+            typer.echo(f"sources: {_sources(result.sources)}", err=True)
+        return
+    repl(session, sampling)
+
+
+def repl(session, sampling) -> None:
+    """Read messages until /quit or end of input; errors are reported and the loop goes on."""
+    interactive = sys.stdin.isatty()
+    typer.echo(
+        f"genai-lab chat · model {session.backend.spec} · thread {session.thread_id!r} · "
+        f"{session.store.path}\n/help for commands; Ctrl-C stops an answer, /quit leaves.",
+        err=True,
+    )
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            typer.echo("\n(/quit or Ctrl-D leaves)", err=True)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if text.startswith("/"):
+                if not command(session, text, sampling):
+                    return
+            else:
+                result = _answer(session, text)
+                if result.sources:
+                    typer.echo(f"  (sources: {_sources(result.sources)})")
+        except (ValueError, OSError) as e:
+            typer.echo(f"error: {e}", err=True)
+        except KeyboardInterrupt:
+            typer.echo("\ninterrupted", err=True)
+        except Exception as e:  # a failing model must not end the conversation
+            first = (str(e).strip() or "no details").splitlines()[0]
+            typer.echo(f"error: {type(e).__name__}: {first}", err=True)
+
+
+def command(session, text: str, sampling) -> bool:
+    """Run a /command; False means leave."""
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        session.reset()
+        typer.echo(f"thread {session.thread_id!r} is empty now")
+    elif name == "/history":
+        print_history(session.history(), session.thread_id)
+    elif name == "/model":
+        if arg:
+            session.backend = _load(arg, sampling)  # the old model stays if this fails
+        typer.echo(f"model: {session.backend.spec} ({session.backend.kind})")
+    elif name == "/help":
+        typer.echo(HELP)
+    else:
+        raise ValueError(f"unknown command {name} (/help lists them)")
+    return True
+
+
+def print_history(messages, thread: str) -> None:
+    if not messages:
+        typer.echo(f"(thread {thread!r} has no messages)", err=True)
+    for message in messages:
+        role = {"human": "user", "ai": "assistant"}.get(message.type, message.type)
+        stopped = " [stopped]" if message.response_metadata.get("interrupted") else ""
+        typer.echo(f"{role}: {message.text.strip()}{stopped}")
+
+
+def _answer(session, text: str):
+    """Stream one answer to stdout; Ctrl-C while it streams ends it early, keeping what is shown."""
+    stop = threading.Event()
+    label = f"{_label(session.backend.spec)}> "
+    shown: list[str] = []
+
+    def show(piece: str) -> None:
+        if not shown:
+            piece = piece.lstrip()  # the answer starts right after "name> "
+            if not piece:
+                return
+            sys.stdout.write(label)
+        shown.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        result = session.ask(text, on_text=show, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if shown:
+            sys.stdout.write("\n")
+    if not shown:
+        typer.echo(label.rstrip())  # an empty answer still gets its line
+    if result.interrupted:
+        typer.echo("[stopped]")
+    return result
+
+
+def _label(spec: str) -> str:
+    return Path(spec).name if "/" in spec and ":" not in spec else spec
+
+
+def _sources(sources: list[dict]) -> str:
+    return ", ".join(f"{s['title']} (dashboard page: {s['page']})" for s in sources)
+
+
+def _load(spec: str, sampling):
+    from chat.models import load_chat_model
+
+    return load_chat_model(spec, sampling)
+
+
+def _retriever():
+    from chat.retrieval import ConceptRetriever
+
+    return ConceptRetriever()
+
+
+def _quiet_libraries() -> None:
+    """Keep library progress bars and notices out of the conversation."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

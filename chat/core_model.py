@@ -1,0 +1,312 @@
+"""`ChatCoreGPT`: a LangChain chat model over our own GPT (`core`), the tutor or any Llama folder.
+
+Messages are rendered with the tokenizer's chat template, generated token by token through the
+KV cache (`core.generate.stream_steps`) and streamed as `AIMessageChunk`s. Each chunk can carry
+the model's top alternatives for its tokens (the dashboard's "why this token" view), and the last
+chunk carries `usage_metadata`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+)
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from pydantic import Field
+
+from core.tokenizer import END_OF_TURN
+
+# Per-call overrides accepted by invoke/stream (e.g. `model.invoke(msgs, temperature=0)`).
+_CALL_OPTIONS = ("temperature", "top_k", "top_p", "max_tokens", "seed", "top_alternatives")
+
+
+@lru_cache(maxsize=4)
+def load_core_model(name_or_path: str, device: str = "cpu"):
+    """(GPT, tokenizer) of a shipped name or a folder, loaded once per process."""
+    from core import load_model
+    from core.hf import resolve_model_path
+    from core.tokenizer import load_tokenizer
+
+    folder = resolve_model_path(name_or_path)
+    model = load_model(folder, device=device)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot load its tokenizer ({e})") from None
+    if not tokenizer.chat_template:
+        raise ValueError(f"{folder}: the tokenizer has no chat template, so it cannot chat")
+    return model, tokenizer
+
+
+def stop_token_ids(tokenizer, model_config=None) -> list[int]:
+    """Ids that end an answer: end-of-turn `<|end|>` (where the vocabulary has it) and EOS."""
+    ids = {tokenizer.eos_token_id}
+    if model_config is not None:
+        eos = getattr(model_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if end is not None and end != tokenizer.unk_token_id:
+        ids.add(end)
+    return sorted(i for i in ids if i is not None)
+
+
+def message_dicts(messages: list[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages -> chat-template dicts (system/user/assistant, text only)."""
+    out = []
+    for message in messages:
+        if isinstance(message, SystemMessage):
+            role = "system"
+        elif isinstance(message, HumanMessage):
+            role = "user"
+        elif isinstance(message, AIMessage):
+            role = "assistant"
+        elif isinstance(message, ChatMessage) and message.role in ("system", "user", "assistant"):
+            role = message.role
+        else:
+            raise ValueError(
+                f"{type(message).__name__} is not supported: this model reads system, "
+                "user and assistant messages only (no tools)"
+            )
+        if isinstance(message.content, list) and any(
+            not isinstance(b, str) and b.get("type") != "text" for b in message.content
+        ):
+            raise ValueError("this model reads text only (a message has non-text content)")
+        out.append({"role": role, "content": message.text})
+    return out
+
+
+def prompt_ids(tokenizer, messages: list[BaseMessage]) -> list[int]:
+    """Token ids of the rendered conversation, ending with the assistant header."""
+    if not messages:
+        raise ValueError("no messages to answer")
+    text = tokenizer.apply_chat_template(
+        message_dicts(messages), add_generation_prompt=True, tokenize=False
+    )
+    # The template writes every special token itself, so the tokenizer must add none.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class _StopStrings:
+    """Cuts streamed text at the first stop string. Holds back a tail that could still become a
+    stop string, so nothing after a stop sequence is ever shown."""
+
+    def __init__(self, stop: list[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self.text = ""  # everything seen so far
+        self.shown = 0  # characters already released
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._release(min(hits))
+        hold = max(
+            (k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])),
+            default=0,
+        )
+        return self._release(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        out = self.text[self.shown : end]
+        self.shown = max(self.shown, end)
+        return out
+
+
+class ChatCoreGPT(BaseChatModel):
+    """Chat with our from-scratch GPT: `ChatCoreGPT(model="tutor", temperature=0.7)`.
+
+    `model` is a shipped name (`tutor`, `tutor-sft`, `tutor-base`) or a Llama-family folder whose
+    tokenizer has a chat template. The weights are loaded on first use and shared per process.
+    """
+
+    model: str = "tutor"
+    """Shipped model name or folder."""
+    temperature: float = 0.7
+    """0 is greedy decoding."""
+    top_k: int | None = None
+    top_p: float | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    """New tokens at most; None: until the model ends its turn or the context is full."""
+    stop: list[str] | None = None
+    """Stop strings: the answer is cut before the first one."""
+    seed: int | None = None
+    """Sampling seed; the same seed gives the same answer."""
+    top_alternatives: int = Field(default=0, ge=0)
+    """If > 0, each chunk's `response_metadata["tokens"]` lists, per generated token, its
+    probability and this many most likely alternatives."""
+    streaming: bool = False
+    """Use the streaming path for `invoke` too (results are identical either way)."""
+    device: str = "cpu"
+
+    @property
+    def _llm_type(self) -> str:
+        return "genai-lab-core-gpt"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="genai-lab",
+            ls_model_name=kwargs.get("model", self.model),
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+        )
+        if (max_tokens := kwargs.get("max_tokens", self.max_tokens)) is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop := stop or self.stop:
+            params["ls_stop"] = stop
+        return params
+
+    # -------------------------------------------------------------------------------------------
+
+    def load(self):
+        """(GPT, tokenizer), loaded once per process and folder."""
+        return load_core_model(self.model, self.device)
+
+    @property
+    def context_window(self) -> int:
+        return self.load()[0].config.max_position_embeddings
+
+    def count_tokens(self, messages: list[BaseMessage]) -> int:
+        """Prompt tokens of these messages (with the assistant header a reply would add)."""
+        return len(prompt_ids(self.load()[1], messages))
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # One code path: the answer is the joined stream, so invoke == "".join(stream).
+        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        from core.generate import stream_steps, stream_text
+
+        unknown = sorted(set(kwargs) - set(_CALL_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unsupported option(s) {', '.join(unknown)} (known: {', '.join(_CALL_OPTIONS)})"
+            )
+        opts = {k: kwargs.get(k, getattr(self, k)) for k in _CALL_OPTIONS}
+        gpt, tokenizer = self.load()
+        ids = prompt_ids(tokenizer, messages)
+        context = gpt.config.max_position_embeddings
+        steps = stream_steps(
+            gpt,
+            ids,
+            max_new_tokens=opts["max_tokens"] or context,
+            temperature=opts["temperature"],
+            top_k=opts["top_k"],
+            top_p=opts["top_p"],
+            seed=opts["seed"],
+            stop_ids=stop_token_ids(tokenizer, gpt.config),
+            top_n=max(opts["top_alternatives"], 1),
+        )
+        # stream_text turns ids into safe text pieces; `pending` remembers which generated
+        # steps each piece came from, so every step lands in exactly one chunk.
+        pending: list = []
+        generated = 0
+
+        def token_ids():
+            nonlocal generated
+            for step in steps:
+                pending.append(step)
+                generated += 1
+                yield step.token_id
+
+        cut = _StopStrings((stop or []) + (self.stop or []))
+        pieces = stream_text(tokenizer, token_ids())
+        try:
+            for piece in pieces:
+                chunk = self._chunk(cut.feed(piece), pending, tokenizer, opts)
+                pending.clear()
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+                if cut.stopped:
+                    break
+        finally:
+            pieces.close()  # stops the model when the caller stops reading
+        full = generated >= (opts["max_tokens"] or context) or len(ids) + generated >= context
+        last = self._chunk(cut.flush(), pending, tokenizer, opts)
+        last.message.chunk_position = "last"
+        last.message.usage_metadata = {
+            "input_tokens": len(ids),
+            "output_tokens": generated,
+            "total_tokens": len(ids) + generated,
+        }
+        last.message.response_metadata.update(
+            model_name=self.model,
+            finish_reason="length" if full and not cut.stopped else "stop",
+        )
+        if run_manager:
+            run_manager.on_llm_new_token(last.text, chunk=last)
+        yield last
+
+    def _chunk(self, text: str, steps: list, tokenizer, opts: dict) -> ChatGenerationChunk:
+        metadata: dict[str, Any] = {}
+        if opts["top_alternatives"] > 0:
+            metadata["tokens"] = [token_info(tokenizer, s) for s in steps]
+        return ChatGenerationChunk(message=AIMessageChunk(content=text, response_metadata=metadata))
+
+
+def token_info(tokenizer, step) -> dict[str, Any]:
+    """One generated token and its most likely alternatives, as plain JSON data."""
+    return {
+        "token_id": step.token_id,
+        "token": tokenizer.decode([step.token_id]),
+        "probability": step.probability,
+        "alternatives": [
+            {"token_id": i, "token": tokenizer.decode([i]), "probability": p}
+            for i, p in zip(step.top_ids, step.top_probabilities, strict=True)
+        ],
+    }
+
+
+def is_core_folder(path: str | Path) -> bool:
+    """Whether core can load this folder (Llama family), judged from its config.json."""
+    import json
+
+    from core.hf import ModelLoadError, config_from_hf
+
+    config = Path(path) / "config.json"
+    try:
+        config_from_hf(json.loads(config.read_text(encoding="utf-8")), str(config))
+    except (OSError, ValueError, ModelLoadError):
+        return False
+    return True

@@ -1,0 +1,201 @@
+"""Conversation memory: a LangGraph graph (retrieve -> respond) whose state is saved after every
+step by the SQLite checkpointer, keyed by thread id, so conversations survive restarts.
+
+A turn's question and answer are added to the thread's messages together, by the last step: if
+anything fails mid-turn (a message too long, a locked database, Ctrl-C before the first token),
+the conversation so far is exactly as it was. An answer stopped part-way is kept as shown, marked
+`response_metadata["interrupted"]`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypedDict
+
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.runtime import Runtime
+
+from chat.chain import DEFAULT_SYSTEM_PROMPT, answer_budget, build_chain, notes_in_prompt
+
+if TYPE_CHECKING:  # type hints only: reading a conversation needs no model (nor torch)
+    from chat.models import ChatBackend
+    from chat.retrieval import ConceptRetriever
+
+DB_ENV = "GENAI_LAB_CHAT_DB"  # overrides the default database file
+TOKEN_ALTERNATIVES = 5  # alternatives per token kept for the inspector
+
+
+class ChatStoreError(ValueError):
+    """The conversation database cannot be opened, read or written."""
+
+
+def default_db_path() -> Path:
+    """$GENAI_LAB_CHAT_DB, else chat.sqlite in the user's data folder (platformdirs if installed,
+    else $XDG_DATA_HOME or ~/.local/share, then genai-lab/)."""
+    if os.environ.get(DB_ENV):
+        return Path(os.environ[DB_ENV]).expanduser()
+    try:
+        from platformdirs import user_data_dir
+
+        base = Path(user_data_dir("genai-lab", appauthor=False))
+    except ImportError:
+        xdg = os.environ.get("XDG_DATA_HOME")
+        base = (Path(xdg) if xdg else Path.home() / ".local" / "share") / "genai-lab"
+    return base / "chat.sqlite"
+
+
+def store_error(path: Path, error: sqlite3.Error, doing: str) -> ChatStoreError:
+    """One line that says which file, what went wrong and what happened to the conversation."""
+    reason = str(error) or type(error).__name__
+    if "locked" in reason:
+        hint = "another program is writing to it; try again"
+    elif "not a database" in reason or "malformed" in reason:
+        hint = "the file is damaged or not a chat database; move it away or use --db"
+    else:
+        hint = "check the file and its folder"
+    return ChatStoreError(f"{path}: cannot {doing} ({reason}): {hint}; nothing was changed")
+
+
+class ChatState(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]  # the conversation
+    question: str  # this turn's message, moved into `messages` by respond
+    passages: list[dict]  # this turn's retrieved notes
+
+
+@dataclass
+class TurnContext:
+    """Per-run settings (LangGraph runtime context): not saved with the conversation."""
+
+    backend: ChatBackend
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    retriever: ConceptRetriever | None = None
+    grounding: str = "auto"  # where the retrieved notes go: auto, prompt or cite (chat.chain)
+    inspect_tokens: bool = False
+    stop: threading.Event | None = None  # set it to end the answer early (Ctrl-C)
+
+
+def retrieve(state: ChatState, runtime: Runtime[TurnContext]) -> dict:
+    retriever = runtime.context.retriever
+    docs = retriever.search(state["question"]) if retriever is not None else []
+    return {"passages": [{"text": d.page_content, **d.metadata} for d in docs]}
+
+
+def respond(state: ChatState, runtime: Runtime[TurnContext]) -> dict:
+    ctx = runtime.context
+    backend = ctx.backend
+    model = backend.chat_model
+    if ctx.inspect_tokens and backend.token_inspector:
+        model = model.bind(top_alternatives=TOKEN_ALTERNATIVES)
+    chain = build_chain(
+        model,
+        backend.count_tokens,
+        backend.context_window,
+        answer_budget(backend.context_window, backend.max_tokens),
+        ctx.system_prompt,
+        notes_in_prompt(ctx.grounding, backend.context_window),
+    )
+    passages = [Document(page_content=p["text"], metadata=p) for p in state.get("passages") or []]
+    inputs = {
+        "question": state["question"],
+        "history": state.get("messages") or [],
+        "passages": passages,
+    }
+    fitted, answer, interrupted = None, None, False
+    with closing(chain.stream(inputs)) as parts:
+        for part in parts:
+            fitted = part.get("fitted", fitted)
+            if "answer" in part:
+                answer = part["answer"] if answer is None else answer + part["answer"]
+            if ctx.stop is not None and ctx.stop.is_set():
+                interrupted = True
+                break  # closing the stream stops the model between two tokens
+    metadata: dict[str, Any] = dict(answer.response_metadata) if answer is not None else {}
+    metadata.update(
+        sources=fitted.sources if fitted else [],
+        dropped_messages=fitted.dropped_messages if fitted else 0,
+        model=backend.spec,
+    )
+    if interrupted:
+        if answer is None or not answer.text:
+            return {}  # stopped before any text: the turn leaves no trace
+        metadata["interrupted"] = True
+    reply = AIMessage(
+        content=answer.text if answer is not None else "",
+        response_metadata=metadata,
+        usage_metadata=answer.usage_metadata if answer is not None else None,
+    )
+    return {"messages": [HumanMessage(state["question"]), reply]}
+
+
+def build_graph(checkpointer):
+    graph = StateGraph(ChatState, context_schema=TurnContext)
+    graph.add_node("retrieve", retrieve)
+    graph.add_node("respond", respond)
+    graph.add_edge(START, "retrieve")
+    graph.add_edge("retrieve", "respond")
+    graph.add_edge("respond", END)
+    return graph.compile(checkpointer=checkpointer)
+
+
+class ChatStore:
+    """A SQLite file of conversations (one LangGraph thread each) and the graph that uses it.
+    One store can serve many sessions (the dashboard shares one per file)."""
+
+    def __init__(self, path: str | Path | None = None, timeout: float = 5.0) -> None:
+        self.path = Path(path).expanduser() if path is not None else default_db_path()
+        if self.path.is_dir():
+            raise ChatStoreError(f"{self.path}: is a folder; --db needs a file name")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ChatStoreError(f"{self.path}: cannot create its folder ({e})") from None
+        # check_same_thread=False: SqliteSaver serialises access with its own lock.
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=timeout)
+        self.checkpointer = SqliteSaver(conn)
+        try:
+            self.checkpointer.setup()
+            conn.execute("SELECT count(*) FROM checkpoints").fetchone()
+        except sqlite3.Error as e:
+            conn.close()
+            raise store_error(self.path, e, "open the chat database") from None
+        self.graph = build_graph(self.checkpointer)
+
+    def messages(self, thread_id: str) -> list[AnyMessage]:
+        try:
+            state = self.graph.get_state(thread_config(thread_id))
+        except sqlite3.Error as e:
+            raise store_error(self.path, e, "read the conversation") from None
+        return list(state.values.get("messages", []))
+
+    def threads(self) -> list[str]:
+        """Thread ids with saved conversations, most recently used first."""
+        try:
+            with self.checkpointer.cursor(transaction=False) as cur:
+                rows = cur.execute(
+                    "SELECT thread_id FROM checkpoints GROUP BY thread_id ORDER BY max(rowid) DESC"
+                ).fetchall()
+        except sqlite3.Error as e:
+            raise store_error(self.path, e, "list the conversations") from None
+        return [r[0] for r in rows]
+
+    def delete(self, thread_id: str) -> None:
+        try:
+            self.checkpointer.delete_thread(thread_id)
+        except sqlite3.Error as e:
+            raise store_error(self.path, e, "delete the conversation") from None
+
+    def close(self) -> None:
+        self.checkpointer.conn.close()
+
+
+def thread_config(thread_id: str) -> dict:
+    return {"configurable": {"thread_id": thread_id}}

@@ -1,0 +1,171 @@
+"""Chat: the LangChain chatbot (chat/) with memory, cited concepts and a "why this token" view."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from chat.chain import DEFAULT_SYSTEM_PROMPT
+from chat.hf_model import Sampling
+from chat.memory import ChatStore, default_db_path
+from chat.models import load_chat_model
+from chat.retrieval import ConceptRetriever
+from chat.session import ChatSession, TurnResult
+from core.hf import PRETRAINED_DIR, SHIPPED_MODELS
+
+
+@st.cache_resource(show_spinner="Loading the model ...")
+def backend(spec: str, temperature: float, top_k: int | None, top_p: float | None):
+    return load_chat_model(spec, Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
+
+
+@st.cache_resource(show_spinner=False)
+def store(path: str) -> ChatStore:
+    return ChatStore(path)
+
+
+@st.cache_resource(show_spinner="Embedding the concept notes with MiniLM ...")
+def retriever() -> ConceptRetriever:
+    return ConceptRetriever()
+
+
+def cite(sources: list[dict]) -> str:
+    return "Sources: " + ", ".join(
+        f"**{s['title']}** (dashboard page `{s['page']}`)" for s in sources
+    )
+
+
+def token_table(tokens: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "token": [repr(t["token"]) for t in tokens],
+            "probability": [round(t["probability"], 3) for t in tokens],
+            "alternatives": [
+                ", ".join(f"{a['token']!r} {a['probability']:.2f}" for a in t["alternatives"])
+                for t in tokens
+            ],
+        }
+    )
+
+
+def show_extras(metadata: dict, key: str) -> None:
+    """Citations and the token inspector under an answer."""
+    if metadata.get("interrupted"):
+        st.caption("(stopped)")
+    if metadata.get("sources"):
+        st.caption(cite(metadata["sources"]))
+    if metadata.get("tokens"):
+        with st.expander("Why these tokens?"):
+            st.caption(
+                "For each generated token: its probability and the model's top alternatives "
+                "(before temperature and top-k/top-p filtering)."
+            )
+            tokens = metadata["tokens"]
+            st.dataframe(token_table(tokens), hide_index=True, key=f"table::{key}")
+            pick = st.selectbox(
+                "Token",
+                range(len(tokens)),
+                format_func=lambda i: f"{i + 1}: {tokens[i]['token']!r}",
+                key=f"pick::{key}",
+            )
+            alternatives = tokens[pick]["alternatives"]
+            st.bar_chart(
+                pd.DataFrame(
+                    {
+                        "token": [repr(a["token"]) for a in alternatives],
+                        "probability": [a["probability"] for a in alternatives],
+                    }
+                ),
+                x="token",
+                y="probability",
+                sort="-probability",
+            )
+
+
+st.title("Chat")
+st.markdown(
+    "A chatbot built with **LangChain**: a chain puts the system prompt, the conversation so far "
+    "(trimmed to what the model can read) and your message into the model. **LangGraph** saves "
+    "each conversation in a SQLite file after every step, so it survives restarts. Before "
+    "answering, the question is embedded with MiniLM and the closest concept notes from this "
+    "dashboard are looked up; the answer cites the pages they come from."
+)
+shipped = ["tutor", *(n for n in SHIPPED_MODELS if (PRETRAINED_DIR / n).is_dir())]
+with st.sidebar:
+    st.subheader("Chat settings")
+    spec = st.selectbox("Model", shipped, help="tutor = the most-trained shipped stage")
+    other = st.text_input("… or a model spec", help="PATH, PATH+ADAPTER or provider:model")
+    thread = st.text_input("Conversation id", value="dashboard").strip() or "dashboard"
+    temperature = st.slider("Temperature", 0.0, 1.5, 0.7, 0.05, help="0 = always the top token")
+    notes = st.radio(
+        "Concept notes",
+        ["auto", "prompt", "cite", "off"],
+        horizontal=True,
+        help="Look up this dashboard's notes on the question: put them in the prompt, only cite "
+        "them, or auto (prompt for models that read 512+ tokens; the 128-token tutor was not "
+        "trained with notes and answers better without them).",
+    )
+    inspect = st.toggle("Token inspector", value=True, help="Our own models only")
+    system = st.text_area("System prompt", value=DEFAULT_SYSTEM_PROMPT, height=80)
+
+try:
+    session = ChatSession(
+        store(str(default_db_path())),
+        backend(other.strip() or spec, temperature, None, None),
+        thread_id=thread,
+        system_prompt=system,
+        retriever=None if notes == "off" else retriever(),
+        grounding="auto" if notes == "off" else notes,
+        inspect_tokens=inspect,
+    )
+    messages = session.history()
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+
+context = session.backend.context_window
+st.caption(
+    f"Model **{session.backend.spec}** ({session.backend.kind}) reads {context:,} tokens; "
+    f"conversation **{thread}** has {len(messages)} messages."
+)
+if st.button("Clear this conversation", disabled=not messages):
+    session.reset()
+    st.rerun()
+
+for i, message in enumerate(messages):
+    role = "user" if message.type == "human" else "assistant"
+    with st.chat_message(role):
+        st.markdown(message.text)
+        if role == "assistant":
+            show_extras(message.response_metadata, f"old-{i}")
+
+question = st.chat_input("Ask about tokens, sampling, LoRA ...")
+if question:
+    with st.chat_message("user"):
+        st.markdown(question)
+    with st.chat_message("assistant"):
+        results: list[TurnResult] = []
+
+        def pieces():
+            for item in session.stream(question):
+                if isinstance(item, TurnResult):
+                    results.append(item)
+                else:
+                    yield item
+
+        try:
+            st.write_stream(pieces())
+        except ValueError as e:
+            st.error(str(e))
+        else:
+            result = results[0]
+            if result.dropped_messages:
+                st.caption(f"({result.dropped_messages} older messages did not fit the context)")
+            show_extras(
+                {
+                    "sources": result.sources,
+                    "tokens": result.tokens,
+                    "interrupted": result.interrupted,
+                },
+                f"new-{len(messages)}",
+            )

@@ -1,0 +1,252 @@
+"""`genai-lab chat` in real processes (memory across processes, the REPL through stdin, Ctrl-C, a
+LoRA adapter, bad input) and the dashboard's chat page (Streamlit AppTest)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+
+import chat.session  # noqa: F401  (import the package before AppTest puts pages/ first on sys.path)
+from chat.chain import DEFAULT_SYSTEM_PROMPT
+from chat.cli import register
+from chat.core_model import load_core_model, stop_token_ids
+from chat.hf_model import Sampling
+from chat.memory import ChatStore
+from chat.models import load_chat_model
+from core import save_model
+from core.model import GPT, GPTConfig
+from tests.test_chat_models import STORY, make_lora_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def genai_lab_chat(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "core", "chat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=ROOT,
+    )
+
+
+def chat_in_process(*args: str):
+    """The same command run in this process (typer's CliRunner): for quick checks."""
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # two commands, so typer keeps "chat" as a subcommand
+    return CliRunner().invoke(app, ["chat", *args])
+
+
+def assert_one_line_error(result, text: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not a crash
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+
+
+@pytest.mark.slow
+def test_once_in_two_processes_then_history(tmp_path):
+    db = str(tmp_path / "chat.sqlite")
+    common = ["--db", db, "--thread", "demo", "--model", "tutor-base", "--seed", "0"]
+    first = genai_lab_chat(*common, "--once", "What is a token?")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("tutor-base> ")
+    assert "sources: Tokens (dashboard page: tokens)" in first.stderr  # grounding is on
+    second = genai_lab_chat(*common, "--no-retrieval", "--once", "And what is LoRA?")
+    assert second.returncode == 0, second.stderr
+    assert "sources:" not in second.stderr
+    history = chat_in_process("--db", db, "--thread", "demo", "--history")
+    lines = history.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["user", "assistant"] * 2
+    assert lines[0] == "user: What is a token?" and lines[2] == "user: And what is LoRA?"
+    assert lines[1] == "assistant: " + first.stdout.removeprefix("tutor-base> ").strip()
+    assert ChatStore(db).messages("someone-else") == []  # (the REPL test runs --history on one)
+
+
+@pytest.mark.slow
+def test_repl_commands_and_bad_input_through_stdin(tmp_path):
+    db = tmp_path / "chat.sqlite"
+    lines = [
+        "What is a token?",
+        "",  # ignored
+        "/model tutor-base",
+        "/bogus",
+        "word " * 200,  # longer than the context
+        "/model no/such/model",
+        "/history",
+        "/reset",
+        "/history",
+        "hello",
+        "/help",
+        "/quit",
+        "this is never read",
+    ]
+    proc = genai_lab_chat(
+        "--db", str(db), "--thread", "r", "--no-retrieval", stdin="\n".join(lines) + "\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    assert "unknown command /bogus" in errors[0]
+    assert "the message is" in errors[1] and "tokens" in errors[1]
+    assert "unknown model 'no/such/model'" in errors[2]
+    out = proc.stdout
+    assert "model: tutor-base (core)" in out
+    assert out.count("user: What is a token?") == 1  # /history before the reset
+    assert "thread 'r' is empty now" in out and "has no messages" in proc.stderr
+    assert "/quit" in out  # /help was printed
+    messages = ChatStore(db).messages("r")  # the bad lines left no trace; "hello" is saved
+    assert [m.text for m in messages][:1] == ["hello"] and len(messages) == 2
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """A random GPT with a 4,096-token context that never ends its turn (the stop tokens' logits
+    are 0, below every top-50 logit): a long answer to interrupt."""
+    _, tokenizer = load_core_model("tutor-base")
+    config = GPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[stop_token_ids(tokenizer)] = 0
+    return save_model(model, tmp_path_factory.mktemp("slow") / "slow", tokenizer=tokenizer)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_not_the_program(tmp_path, slow_model):
+    db = tmp_path / "chat.sqlite"
+    args = ["--model", str(slow_model), "--db", str(db), "--thread", "c", "--no-retrieval"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core", "chat", *args, "--top-k", "50", "--max-tokens", "2000"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")))
+    reader.start()
+    proc.stdin.write("tell me a long story\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 240
+    while len("".join(out).partition("slow> ")[2]) < 20:  # the answer is streaming
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(out)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("/history\n/quit\n")
+    proc.stdin.flush()
+    proc.stdin.close()
+    assert proc.wait(timeout=120) == 0  # the program went on and left through /quit
+    reader.join()
+    stderr = proc.stderr.read()
+    text = "".join(out)
+    assert "Traceback" not in stderr
+    assert "[stopped]" in text
+    assert "assistant: " in text and text.rstrip().endswith("[stopped]")  # /history marks it
+    saved = ChatStore(db).messages("c")[-1]
+    assert saved.response_metadata["interrupted"] and saved.text
+    _, tokenizer = load_core_model(str(slow_model))
+    assert len(tokenizer.encode(saved.text)) < 1000  # stopped long before its 2,000 tokens
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_chats_through_the_cli(tmp_path):
+    adapter = make_lora_adapter(tmp_path / "lora")
+    db = str(tmp_path / "chat.sqlite")
+    args = [
+        "--db",
+        db,
+        "--no-retrieval",
+        "--system",
+        "",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "30",
+    ]
+    proc = genai_lab_chat(*args, "--model", f"tutor-base+{adapter}", "--once", STORY)
+    assert proc.returncode == 0, proc.stderr
+    backend = load_chat_model(f"tutor-base+{adapter}", Sampling(temperature=0, max_tokens=30))
+    expected = backend.chat_model.invoke(STORY).content.strip()
+    assert proc.stdout.strip() == f"lora> {expected}"
+    history = chat_in_process("--db", db, "--history")
+    assert history.stdout.splitlines()[1] == f"assistant: {expected}"
+
+
+def test_cli_bad_input_is_one_line_and_exit_1(tmp_path):
+    db = str(tmp_path / "a.sqlite")
+    assert_one_line_error(chat_in_process("--db", db, "--model", "tutr"), "unknown model 'tutr'")
+    assert_one_line_error(chat_in_process("--db", db, "--once", " "), "empty message")
+    both = chat_in_process("--db", db, "--once", "hi", "--history")
+    assert_one_line_error(both, "do not go together")
+    assert_one_line_error(chat_in_process("--db", db, "--max-tokens", "0"), "at least 1")
+    assert_one_line_error(chat_in_process("--db", db, "--temperature", "-1"), "temperature")
+    assert_one_line_error(chat_in_process("--db", db, "--grounding", "maybe"), "unknown grounding")
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_text("not a database\n" * 50)
+    assert_one_line_error(chat_in_process("--db", str(corrupt), "--history"), "not a database")
+    assert corrupt.read_text() == "not a database\n" * 50  # untouched
+    assert_one_line_error(chat_in_process("--db", str(tmp_path), "--history"), "is a folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# the dashboard's chat page
+
+
+@pytest.mark.slow
+def test_dashboard_chat_page_answers_cites_and_remembers(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("GENAI_LAB_CHAT_DB", str(tmp_path / "chat.sqlite"))
+    page = str(ROOT / "dashboard" / "views" / "chat.py")
+    at = AppTest.from_file(page, default_timeout=60).run()
+    assert not at.exception
+    assert at.text_area[0].value == DEFAULT_SYSTEM_PROMPT
+    assert not at.chat_message  # a new conversation
+    at.chat_input[0].set_value("What is a token?").run()
+    assert not at.exception
+    user, assistant = at.chat_message
+    assert user.markdown[0].value == "What is a token?"
+    assert any("**Tokens** (dashboard page `tokens`)" in c.value for c in assistant.caption)
+    assert len(assistant.dataframe) == 1  # the token inspector's table
+    # A new visitor (a new session) sees the saved conversation.
+    again = AppTest.from_file(page, default_timeout=60).run()
+    assert not again.exception
+    assert [m.name for m in again.chat_message] == ["user", "assistant"]
+    # Turning retrieval off: no citation under the next answer.
+    again.radio[0].set_value("off").run()
+    again.chat_input[0].set_value("hello there").run()
+    assert not again.exception
+    last = again.chat_message[-1]
+    assert not any("Sources" in c.value for c in last.caption)
+    assert len(ChatStore(tmp_path / "chat.sqlite").messages("dashboard")) == 4
