@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_module_file
+from safetensors.torch import save_model as save_module_file
 
 from core.hf import atomic_directory, write_model_files
 from core.model import GPT
 
+MODULE_FILE = "module.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 
@@ -50,17 +53,24 @@ def optimizer_from_tensors(
 def save_checkpoint(
     out_dir: Path,
     step: int,
-    model: GPT,
+    model: GPT | torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict,
     tokenizer=None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoints/step_NNNNNNN atomically, then prune all but the newest `keep`."""
+    """Write checkpoints/step_NNNNNNN atomically, then prune all but the newest `keep`.
+
+    A GPT is written as a Hugging Face folder; any other module (a GPT with an extra head, for
+    the later training stages) as `module.safetensors`, restored by `load_module_state`."""
     root = Path(out_dir) / "checkpoints"
     path = root / f"step_{step:07d}"
     with atomic_directory(path) as tmp:
-        write_model_files(model, tmp, tokenizer)
+        if isinstance(model, GPT):
+            write_model_files(model, tmp, tokenizer)
+        else:
+            # save_model (not save_file) because tied embeddings share one tensor.
+            save_module_file(model, str(tmp / MODULE_FILE))
         tensors, meta = optimizer_to_tensors(optimizer)
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta))
@@ -92,3 +102,8 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer_from_tensors(optimizer, tensors, meta)
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_module_state(path: Path, module: torch.nn.Module) -> None:
+    """Restore a module saved by `save_checkpoint` as `module.safetensors` (strict: every key)."""
+    load_module_file(module, str(Path(path) / MODULE_FILE))

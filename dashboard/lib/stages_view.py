@@ -1,0 +1,82 @@
+"""Data and figures for the training-stages page: the shipped stages' answers side by side, their
+training curves, the pipeline's figures, and the human-feedback lab's candidate answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from core.hf import PRETRAINED_DIR
+from core.sft import answer
+
+STAGES = (
+    ("tutor-base", "1. base (pre-trained)"),
+    ("tutor-sft", "2. SFT"),
+    ("tutor-rlhf", "3. RLHF (PPO)"),
+)
+CURVES = {
+    "tutor-base": ("loss", "eval_loss"),
+    "tutor-sft": ("loss", "eval_loss"),
+    "tutor-rlhf": ("reward", "kl", "entropy", "clip_fraction"),
+}
+
+
+def shipped_stages() -> list[tuple[str, str]]:
+    return [
+        (name, label) for name, label in STAGES if (PRETRAINED_DIR / name / "config.json").is_file()
+    ]
+
+
+def read_metrics(name: str) -> pd.DataFrame:
+    """A shipped stage's metrics.jsonl as a table (one row per logged step)."""
+    path = PRETRAINED_DIR / name / "metrics.jsonl"
+    if not path.is_file():
+        return pd.DataFrame()
+    return pd.DataFrame([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+
+
+def curve_figure(frame: pd.DataFrame, keys: tuple[str, ...], title: str) -> go.Figure:
+    fig = go.Figure()
+    for key in keys:
+        if key in frame:
+            rows = frame.dropna(subset=[key])
+            fig.add_trace(go.Scatter(x=rows["step"], y=rows[key], mode="lines+markers", name=key))
+    fig.update_layout(title=title, xaxis_title="step", height=320, margin={"t": 40, "b": 30})
+    return fig
+
+
+def pipeline_figures(folder: Path = PRETRAINED_DIR / "tutor-rlhf") -> dict | None:
+    path = folder / "pipeline_metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def figures_table(metrics: dict) -> pd.DataFrame:
+    stages = list(metrics["key_term_accuracy"])
+    rows = {"key-term accuracy (held-out questions)": metrics["key_term_accuracy"]}
+    rows["mean reward-model score (sampled answers)"] = metrics.get("reward", {})
+    rows["KL to the SFT model per answer (nats)"] = metrics.get("kl_to_sft", {})
+    rows["reward model prefers it over SFT"] = metrics.get("rm_prefers_over_sft", {})
+    return pd.DataFrame({k: [v.get(s) for s in stages] for k, v in rows.items()}, index=stages).T
+
+
+def answers_side_by_side(models: dict, question: str, temperature: float, seed: int) -> dict:
+    """{stage label: answer} for one question; models maps label -> (model, tokenizer)."""
+    return {
+        label: answer(model, tok, question, temperature=temperature, seed=seed)
+        for label, (model, tok) in models.items()
+    }
+
+
+def candidate_answers(model, tokenizer, question: str, n: int, seed: int) -> list[str]:
+    """`n` different sampled answers to rank (temperature 1.2 for variety; duplicates dropped)."""
+    seen: list[str] = []
+    for i in range(n * 4):
+        text = answer(model, tokenizer, question, temperature=1.2, seed=seed + i)
+        if text and text not in seen:
+            seen.append(text)
+        if len(seen) == n:
+            break
+    return seen

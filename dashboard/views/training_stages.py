@@ -1,0 +1,96 @@
+"""Training stages: pre-training -> supervised fine-tuning -> RLHF, shown on the shipped tutor
+models, plus a human-feedback lab that stores your rankings (core.feedback)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from core.concepts import concepts_for_page
+from core.feedback import FeedbackStore
+from dashboard.lib.stages_view import (
+    CURVES,
+    answers_side_by_side,
+    candidate_answers,
+    curve_figure,
+    figures_table,
+    pipeline_figures,
+    read_metrics,
+    shipped_stages,
+)
+from dashboard.resources import tutor
+
+# Where rankings are stored; tests point it at a temporary file.
+FEEDBACK_DB = Path(os.environ.get("GENAI_LAB_FEEDBACK_DB", "runs/feedback.db"))
+
+st.title("Training stages")
+for concept in concepts_for_page("training_stages")[:4]:
+    st.markdown(f"**{concept.title}.** {concept.text}")
+
+stages = shipped_stages()
+
+# --- the same question to every stage ---------------------------------------------------------
+st.subheader("One question, three stages")
+question = st.text_input("Ask the tutor", "What is a token?")
+c1, c2 = st.columns(2)
+temperature = c1.slider("Temperature (0 = greedy)", 0.0, 1.5, 0.0, 0.1)
+seed = c2.number_input("Seed", 0, 10_000, 0)
+if question.strip():
+    models = {label: tutor(name) for name, label in stages}
+    for label, text in answers_side_by_side(models, question, temperature, int(seed)).items():
+        st.markdown(f"**{label}:** {text or '(nothing)'}")
+    st.caption(
+        "The base model only continues text; SFT taught it to answer in the chat format; RLHF "
+        "nudged it toward answers the reward model scores higher, while a KL penalty kept it "
+        "close to the SFT model."
+    )
+
+# --- the pipeline's figures and curves ----------------------------------------------------------
+metrics = pipeline_figures()
+if metrics:
+    st.subheader("Measured on held-out questions")
+    st.dataframe(figures_table(metrics))
+    rm = metrics["reward_model"]
+    st.caption(
+        f"Reward model accuracy on {rm['eval_pairs']} held-out preference pairs: "
+        f"{rm['eval_accuracy']:.1%}."
+    )
+st.subheader("Training curves")
+for name, label in stages:
+    frame = read_metrics(name)
+    if not frame.empty:
+        st.plotly_chart(curve_figure(frame, CURVES[name], label), width="stretch")
+
+# --- human feedback lab ---------------------------------------------------------------------------
+st.subheader("Human-feedback lab")
+st.markdown(
+    "Rank the tutor's answers, best first. Each ranking of n answers gives n(n−1)/2 preference "
+    "pairs, the data a reward model and DPO learn from (`core.feedback`)."
+)
+lab_question = st.text_input("Question for ranking", "What is temperature?")
+if st.button("Sample answers") and lab_question.strip():
+    model, tok = tutor("tutor")
+    st.session_state["lab"] = (lab_question, candidate_answers(model, tok, lab_question, 3, 0))
+if "lab" in st.session_state:
+    prompt, answers = st.session_state["lab"]
+    for i, text in enumerate(answers):
+        st.markdown(f"**{i + 1}.** {text}")
+    order = st.multiselect(
+        "Your ranking (pick the answers best first)",
+        options=list(range(len(answers))),
+        format_func=lambda i: f"answer {i + 1}",
+    )
+    if st.button("Save ranking", disabled=len(order) != len(answers) or len(answers) < 2):
+        with FeedbackStore(FEEDBACK_DB) as store:
+            try:
+                store.record(prompt, answers, order)
+                st.success(f"Saved. The store now holds {len(store)} comparisons.")
+            except ValueError as e:
+                st.error(str(e))
+with FeedbackStore(FEEDBACK_DB) as store:
+    pairs = store.preference_pairs()
+st.caption(f"{len(pairs)} preference pairs in {FEEDBACK_DB}. Retrain with `core.feedback.retrain`.")
+if pairs:
+    st.dataframe([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs[-10:]])

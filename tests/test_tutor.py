@@ -1,0 +1,140 @@
+"""The bundled tutor data and the shipped tutor models (tutor-sft, tutor-rlhf = "tutor")."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from core import load_model
+from core.concepts import CONCEPTS
+from core.hf import PRETRAINED_DIR, resolve_model_path
+from core.sft import bundled_rows, conversation_messages, key_term_accuracy, preference_triple
+from core.tokenizer import load_tokenizer
+from core.tutor_data import TUTOR_ANSWERS, key_terms, preference_rows, sft_rows
+
+SHIPPED = [PRETRAINED_DIR / n for n in ("tutor-base", "tutor-sft", "tutor-rlhf")]
+
+
+# ---------------------------------------------------------------------------------------------
+# the bundled data
+
+
+def test_every_concept_has_a_short_answer_that_says_its_key_term():
+    tokenizer = load_tokenizer(PRETRAINED_DIR / "tutor-base")
+    assert set(TUTOR_ANSWERS) == {c.id for c in CONCEPTS}
+    for concept_id, (_, reference) in TUTOR_ANSWERS.items():
+        assert key_terms(concept_id), concept_id
+        assert len(tokenizer.encode(reference)) <= 52, concept_id
+
+
+def test_bundled_files_are_the_generator_output_and_valid():
+    for name, rows in (
+        ("sft_train.jsonl", sft_rows(held_out=False)),
+        ("sft_heldout.jsonl", sft_rows(held_out=True)),
+        ("prefs_train.jsonl", preference_rows(held_out=False)),
+        ("prefs_heldout.jsonl", preference_rows(held_out=True)),
+    ):
+        assert bundled_rows(name) == json.loads(json.dumps(rows)), name
+        check = preference_triple if name.startswith("prefs") else conversation_messages
+        for row in rows:
+            check(row)  # raises on a bad row
+
+
+def test_held_out_questions_are_never_trained_on():
+    train = {m["content"] for r in bundled_rows("sft_train.jsonl") for m in r["messages"]}
+    train |= {r["prompt"] for r in bundled_rows("prefs_train.jsonl")}
+    heldout = [r["messages"][0]["content"] for r in bundled_rows("sft_heldout.jsonl")]
+    assert len(heldout) >= 2 * len(CONCEPTS)
+    assert not train & set(heldout)
+    assert {r["prompt"] for r in bundled_rows("prefs_heldout.jsonl")} <= set(heldout)
+    assert any(len(r["messages"]) > 2 for r in bundled_rows("sft_train.jsonl"))  # multi-turn
+
+
+def test_every_rubric_rule_appears_in_the_preference_data():
+    rules = {r["rule"] for r in bundled_rows("prefs_train.jsonl")}
+    assert rules == {"wrong", "off-topic", "rambling", "rude", "evasive"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped models
+
+needs_tutor = pytest.mark.skipif(
+    not (PRETRAINED_DIR / "tutor-rlhf" / "config.json").is_file(),
+    reason="tutor-rlhf not shipped yet (genai-lab pipeline --ship)",
+)
+
+
+@needs_tutor
+def test_shipped_weights_are_small_fp16_safetensors():
+    total = 0
+    for folder in SHIPPED:
+        names = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= names, folder
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+        total += (folder / "model.safetensors").stat().st_size
+    assert total <= 25 * 1024 * 1024
+    assert resolve_model_path("tutor") == PRETRAINED_DIR / "tutor-rlhf"
+
+
+@needs_tutor
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tutor-sft", "tutor"])
+def test_shipped_tutor_answers_held_out_questions_with_the_key_terms(name):
+    model = load_model(name)
+    tokenizer = load_tokenizer(resolve_model_path(name))
+    result = key_term_accuracy(model, tokenizer, bundled_rows("sft_heldout.jsonl"))
+    assert result["key_term_accuracy"] >= 0.7, result["samples"]
+
+
+@needs_tutor
+def test_recorded_pipeline_figures_meet_the_goals():
+    """The figures `genai-lab pipeline` measured when it made the shipped models."""
+    metrics = json.loads((PRETRAINED_DIR / "tutor-rlhf" / "pipeline_metrics.json").read_text())
+    assert metrics["key_term_accuracy"]["sft"] >= 0.7 > metrics["key_term_accuracy"]["base"]
+    assert metrics["key_term_accuracy"]["rlhf"] >= 0.7
+    assert metrics["reward_model"]["eval_accuracy"] >= 0.9
+    # PPO's figures are recorded (the goal "reward above SFT's" is not met yet: see README)
+    assert math.isfinite(metrics["kl_to_sft"]["rlhf"]) and math.isfinite(metrics["reward"]["rlhf"])
+
+
+@needs_tutor
+def test_generate_cli_answers_a_concept_question():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "core", "generate", "--model", "tutor", "--chat",
+         "--prompt", "What is a token?", "--temperature", "0"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "token" in result.stdout.lower() and "piece of text" in result.stdout
+
+
+@needs_tutor
+@pytest.mark.slow
+def test_training_stages_page_shows_the_stages_and_records_a_ranking(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from core.feedback import FeedbackStore
+
+    db = tmp_path / "feedback.db"
+    monkeypatch.setenv("GENAI_LAB_FEEDBACK_DB", str(db))
+    page = PRETRAINED_DIR.parent.parent / "dashboard" / "views" / "training_stages.py"
+    at = AppTest.from_file(str(page), default_timeout=300)
+    at.run()
+    assert not at.exception
+    shown = " ".join(m.value for m in at.markdown)
+    assert "**2. SFT:** A token is a piece of text" in shown
+    at.button[0].click().run()  # sample answers to rank
+    answers = at.session_state["lab"][1]
+    assert len(answers) >= 2
+    at.multiselect[0].set_value(list(range(len(answers)))).run()
+    at.button[1].click().run()  # save the ranking
+    assert not at.exception
+    with FeedbackStore(db) as store:
+        assert len(store) == 1
+        assert len(store.preference_pairs()) == len(answers) * (len(answers) - 1) // 2
