@@ -12,29 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PAGES = Path(__file__).parent / "pages"
+# Resolve transformers' lazy imports here, before any page starts a thread: they are not thread-safe.
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402, F401
 
-# (module, title, icon) in the learning path's order.
-PAGE_ORDER = [
-    ("home", "Home", "🏠"),
-    ("taxonomy", "AI, ML, DL, GenAI", "🪆"),
-    ("tokens", "Tokens", "🔤"),
-    ("next_token", "Next token & sampling", "🎲"),
-    ("embeddings", "Embeddings", "🧭"),
-    ("training_stages", "Training stages", "🏗️"),
-    ("quantization", "Quantization", "🗜️"),
-    ("lora", "LoRA & QLoRA", "🧩"),
-    ("chat", "Chat", "💬"),
-]
+from dashboard.navigation import existing_pages, page_path  # noqa: E402
 
 
 def available_pages() -> list:
-    pages = []
-    for module, title, icon in PAGE_ORDER:
-        path = PAGES / f"{module}.py"
-        if path.is_file():
-            pages.append(st.Page(path, title=title, icon=icon, default=module == "home"))
-    return pages
+    return [
+        st.Page(page_path(module), title=title, icon=icon, default=module == "home")
+        for module, title, icon in existing_pages()
+    ]
 
 
 st.set_page_config(page_title="genai-lab", page_icon="🧪", layout="wide")

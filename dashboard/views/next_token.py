@@ -1,0 +1,258 @@
+"""Next token & sampling: the tutor's next-token distribution, reshaped live by temperature, top-k
+and top-p; sampled; compared with the corpus's true distribution; and a generation step by step."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core import corpus
+from core.generate import stream_steps
+from core.sampling import entropy, sample_many, sampling_stages
+from dashboard.lib.sampling_view import (
+    MAX_PROMPT_CHARS,
+    compare_with_truth,
+    comparison_figure,
+    distribution_figure,
+    distribution_table,
+    encode_prompt,
+    escape_markdown,
+    next_token_logits,
+    sample_frequencies,
+    step_table,
+    surprisal_bits,
+    survivors,
+    token_label,
+    true_next_words,
+)
+from dashboard.resources import tutor
+
+MODEL = "tutor-base"  # the base model: trained on the bundled corpus only, so the truth applies
+TOP_N = 20
+N_SAMPLES = 100
+MAX_STEPS = 40
+CUSTOM = "(your own text)"
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def truth_comparison(prefix: str):
+    model, tokenizer = tutor(MODEL)
+    truth = true_next_words(prefix)
+    return None if truth is None else compare_with_truth(model, tokenizer, prefix, truth)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def generation(
+    ids: tuple[int, ...], temperature: float, top_k: int, top_p: float, seed: int, budget: int
+):
+    model, tokenizer = tutor(MODEL)
+    steps = stream_steps(
+        model,
+        list(ids),
+        max_new_tokens=budget,
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=top_p,
+        seed=seed,
+        stop_ids=[tokenizer.eos_token_id],
+    )
+    return list(steps)
+
+
+def use_preset() -> None:
+    choice = st.session_state["nt_preset"]
+    if choice != CUSTOM:
+        st.session_state["nt_prompt"] = choice
+
+
+def preset_label(prefix: str) -> str:
+    if prefix == "":
+        return "(empty: the start of a document)"
+    return prefix if len(prefix) <= 80 else "…" + prefix[-77:]
+
+
+st.title("Next token & sampling")
+st.markdown(
+    "A language model does one thing: given the text so far, it gives every token of its "
+    "vocabulary a score (a *logit*); the softmax turns the scores into probabilities that sum "
+    "to 1. Generating text means picking one token from that distribution, appending it, and "
+    "asking again. How the pick is made is up to us: that is what temperature, top-k and "
+    "top-p control. Here it all runs on the project's own base model, `tutor-base`."
+)
+
+model, tokenizer = tutor(MODEL)
+context = model.config.max_position_embeddings
+
+st.session_state.setdefault("nt_prompt", "The cat sat on the")
+presets = corpus.preset_prefixes()
+st.selectbox(
+    "Pick a prompt from the bundled corpus (for these the true next-word distribution is known)",
+    [CUSTOM, *presets],
+    key="nt_preset",
+    format_func=lambda p: p if p == CUSTOM else preset_label(p),
+    on_change=use_preset,
+)
+text = st.text_area("Prompt", key="nt_prompt", height=80)
+
+col_t, col_k, col_p = st.columns(3)
+temperature = col_t.slider(
+    "Temperature", 0.0, 2.0, 1.0, 0.01, key="nt_temperature", help="0 = greedy: the top token"
+)
+top_k = col_k.slider("Top-k (0 = off)", 0, 50, 0, 1, key="nt_top_k")
+top_p = col_p.slider("Top-p (1 = off)", 0.01, 1.0, 1.0, 0.01, key="nt_top_p")
+
+with st.expander("What do temperature, top-k and top-p do?", expanded=False):
+    st.markdown(
+        "They are applied in this order, as Hugging Face `transformers` does:\n\n"
+        "1. **Temperature** *T* divides every logit by *T* before the softmax. Below 1 the "
+        "distribution gets sharper (likely tokens get likelier), above 1 flatter (rare tokens "
+        "get a real chance); *T* = 1 is the model's own distribution. The order of the tokens "
+        "never changes. As *T* approaches 0 all the probability goes to the top token, so "
+        "*T* = 0 is taken to mean **greedy decoding**: always the most likely token.\n"
+        "2. **Top-k** keeps only the *k* most likely tokens and renormalises their "
+        "probabilities to sum to 1. A fixed *k* ignores how sure the model is.\n"
+        "3. **Top-p** (nucleus sampling) keeps the smallest set of most likely tokens whose "
+        "probabilities add up to at least *p*, then renormalises. When the model is confident "
+        "that is one or two tokens; when it is unsure, many.\n\n"
+        "Low temperature, small *k* or small *p* make the text safer and more repetitive; high "
+        "values make it more varied and more likely to go wrong."
+    )
+
+if temperature == 0:
+    st.info(
+        "Temperature 0 means greedy decoding: the most likely token is always chosen, so "
+        "top-k and top-p change nothing and every sample is the same token."
+    )
+if text != text.rstrip():
+    st.caption(
+        "Your prompt ends in whitespace. This tokenizer puts the space *before* a word into the "
+        "word's token (·mat), so the model rarely saw text end in a bare space; expect odd "
+        "predictions, or remove the space."
+    )
+if not text.strip():
+    st.info(
+        "The prompt is empty, so this shows what the model predicts at the very start of a "
+        "document (right after the <|endoftext|> token). Type a prompt to see its next token."
+    )
+
+prompt = encode_prompt(tokenizer, text, max_tokens=context)
+if prompt.message:
+    st.warning(prompt.message)
+
+logits = next_token_logits(model, prompt.ids)
+stages = sampling_stages(logits, temperature, top_k or None, top_p)
+table = distribution_table(stages, tokenizer, temperature, top_n=TOP_N)
+
+# --- the distribution -------------------------------------------------------------------------
+st.subheader("The next-token distribution")
+st.session_state.setdefault("nt_sample_seed", None)
+sample_col, clear_col, _ = st.columns([1, 1, 3])
+if sample_col.button(f"Sample {N_SAMPLES} times", key="nt_sample"):
+    st.session_state["nt_sample_seed"] = (st.session_state["nt_sample_seed"] or 0) + 1
+if clear_col.button("Hide samples", key="nt_clear"):
+    st.session_state["nt_sample_seed"] = None
+
+frequencies = None
+seed = st.session_state["nt_sample_seed"]
+if seed is not None:
+    samples = sample_many(logits, N_SAMPLES, temperature, top_k or None, top_p, seed=seed)
+    frequencies = sample_frequencies(samples, list(table["id"]))
+    st.caption(
+        f"Black diamonds: the fraction of {N_SAMPLES} draws (seed {seed}) that gave each token. "
+        "They scatter around the dark bars; more draws would bring them closer."
+    )
+st.plotly_chart(distribution_figure(table, frequencies), key="nt_chart")
+
+shown_mass = float(stages.original[list(table["id"])].sum())
+m1, m2, m3 = st.columns(3)
+in_play, likely = survivors(stages)
+m1.metric(
+    "Tokens that can still be sampled",
+    f"{in_play:,} of {logits.numel():,}",
+    help=f"{likely:,} of them have a chance of at least 1%.",
+)
+m2.metric("Entropy of what is sampled", f"{entropy(stages.final):.2f} nats")
+m3.metric(f"Model probability in these {len(table)} bars", f"{shown_mass:.1%}")
+st.dataframe(
+    table.drop(columns="id"),
+    hide_index=True,
+    column_config={
+        c: st.column_config.NumberColumn(format="%.4f")
+        for c in ("model", "after temperature", "sampled from")
+    },
+    key="nt_table",
+)
+
+# --- the truth --------------------------------------------------------------------------------
+st.subheader("The model against the truth")
+comparison = truth_comparison(text) if len(text) <= MAX_PROMPT_CHARS else None
+if comparison is None:
+    st.caption(
+        "The bundled corpus cannot produce this prompt, so its true next-word distribution is "
+        "unknown. Pick one of the corpus prompts above to compare the model with the truth."
+    )
+else:
+    st.markdown(
+        "The corpus generator knows the exact probability of every next word after this prompt. "
+        "Beside it: the model's probability of the same words (a word made of several tokens "
+        "gets the product of its tokens' probabilities)."
+    )
+    st.plotly_chart(comparison_figure(comparison.table), key="nt_truth_chart")
+    k1, k2 = st.columns(2)
+    k1.metric("KL(true ‖ model)", f"{comparison.kl:.3f} nats")
+    k2.metric("Model probability on the possible words", f"{comparison.model_mass:.1%}")
+    st.caption(
+        "KL(true ‖ model) is 0 when the model matches the truth exactly; it is the average "
+        "number of extra nats per word you would pay for believing the model instead of the "
+        "truth. The model's probabilities are at temperature 1: sampling settings do not change "
+        "what the model has learnt."
+    )
+
+# --- step by step -----------------------------------------------------------------------------
+st.subheader("Generate, one token at a time")
+st.markdown(
+    "Each step samples one token with the settings above, appends it, and asks the model again. "
+    "The table lists the model's favourites at that step (temperature 1, before any filter), so "
+    "you can see when the sampler picked something other than the top token."
+)
+seed_col, b1, b2, b3 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
+gen_seed = seed_col.number_input("Seed", value=0, step=1, key="nt_gen_seed")
+gen_ids = prompt.ids[-(context - 1) :]  # leave room for at least one new token
+budget = min(MAX_STEPS, context - len(gen_ids))
+settings = (tuple(gen_ids), temperature, top_k, top_p, int(gen_seed), budget)
+if st.session_state.get("nt_steps_for") != settings:
+    st.session_state["nt_steps_for"] = settings
+    st.session_state["nt_shown"] = 0
+steps = generation(*settings)
+if b1.button("Next token ▶", key="nt_next", disabled=st.session_state["nt_shown"] >= len(steps)):
+    st.session_state["nt_shown"] += 1
+if b2.button("All the way", key="nt_all"):
+    st.session_state["nt_shown"] = len(steps)
+if b3.button("Start over", key="nt_reset"):
+    st.session_state["nt_shown"] = 0
+
+shown = min(st.session_state["nt_shown"], len(steps))
+done = steps[:shown]
+if shown == 0:
+    st.caption("Press “Next token” to generate the first token.")
+else:
+    earlier = tokenizer.decode([s.token_id for s in done[:-1]])
+    latest = token_label(tokenizer, done[-1].token_id)
+    st.markdown(
+        f"{escape_markdown(text[-300:])} :blue[{escape_markdown(earlier)}]"
+        f":orange-background[**{escape_markdown(latest)}**]"
+    )
+    st.caption(
+        f"Step {shown} of {len(steps)}: new text in blue, the latest token highlighted "
+        "(· marks its space)."
+    )
+    step = done[-1]
+    st.caption(
+        f"Chosen token: model probability {step.probability:.3f}, a surprise of "
+        f"{surprisal_bits(step.probability):.1f} bits."
+    )
+    st.dataframe(step_table(tokenizer, step), hide_index=True, key="nt_step_table")
+if shown == len(steps) and shown > 0:
+    if len(steps) < budget:
+        st.caption("The model ended the document here (it sampled <|endoftext|>).")
+    else:
+        st.caption(f"Stopped after {len(steps)} tokens (the most this page generates).")
