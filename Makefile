@@ -41,9 +41,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Re-create the shipped tutor base model from scratch (deterministic for a given seed and thread count).
+# Re-create the shipped tutor models from scratch: pre-train -> SFT -> reward -> PPO (+ DPO), then
+# copy base/, sft/, rlhf/ into core/pretrained (deterministic for a given seed and thread count).
 model: $(STAMP)
-	$(BIN)/genai-lab pretrain --config core/configs/tutor-base.yaml --output-dir runs/tutor-base --ship tutor-base
+	$(BIN)/genai-lab pipeline --config core/configs/pipeline.yaml --output-dir runs/pipeline --ship
 
 bench: $(STAMP)
 	$(BIN)/genai-lab bench

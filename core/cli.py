@@ -40,9 +40,10 @@ def cli_errors(fn):
 
 def register(app: typer.Typer) -> None:
     """Add core's subcommands (pretrain, generate, bench) to the root app."""
-    from core import commands
+    from core import commands, stage_commands
 
     commands.register(app)
+    stage_commands.register(app)
 
 
 def build_app() -> typer.Typer:

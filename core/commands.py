@@ -13,6 +13,7 @@ import typer
 from core.cli import cli_errors
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tutor-base.yaml"
+CHAT_TUNED = ("tutor", "tutor-sft", "tutor-rlhf")
 
 
 @cli_errors
@@ -85,7 +86,15 @@ def ship_model(final_dir: Path, name: str, report: dict) -> Path:
 @cli_errors
 def generate_command(
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    model: Annotated[str, typer.Option(help="Model folder or shipped name.")] = "tutor",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model folder, shipped name or hub id (default: tutor; with --adapter, the adapter's base)."
+        ),
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="A LoRA/QLoRA adapter folder from `genai-lab finetune`.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
     top_k: Annotated[int | None, typer.Option(min=0, help="Keep the k most likely tokens.")] = None,
@@ -94,15 +103,32 @@ def generate_command(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     chat: Annotated[
-        bool, typer.Option("--chat", help="Wrap the prompt in the chat template as a user turn.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Wrap the prompt in the chat template as a user turn "
+            "(default: on for the chat-tuned tutor, tutor-sft, tutor-rlhf and adapters).",
+        ),
+    ] = None,
 ) -> None:
     """Generate text from a model, streamed token by token."""
     from core.generate import stream_text, stream_tokens
     from core.hf import load_model, resolve_model_path
     from core.tokenizer import load_tokenizer
 
-    folder = resolve_model_path(model)
+    if chat is None:  # a chat-tuned model answers questions; a base model continues text
+        chat = adapter is not None or (model or "tutor") in CHAT_TUNED
+    if adapter is not None:
+        # A fine-tuned adapter runs on its transformers base through peft (finetune/).
+        from finetune.inference import load_for_generation, stream_generate
+
+        hf_model, hf_tokenizer = load_for_generation(model, adapter)
+        pieces = stream_generate(
+            hf_model, hf_tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat
+        )
+        _write_stream(prompt if not chat else "", pieces)
+        return
+    folder = resolve_model_path(model or "tutor")
     gpt = load_model(folder)
     tokenizer = load_tokenizer(folder)
     if chat:
@@ -123,9 +149,12 @@ def generate_command(
         seed=seed,
         stop_ids=stop,
     )
-    if not chat:
-        sys.stdout.write(prompt)
-    for piece in stream_text(tokenizer, tokens):
+    _write_stream(prompt if not chat else "", stream_text(tokenizer, tokens))
+
+
+def _write_stream(head: str, pieces) -> None:
+    sys.stdout.write(head)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -137,13 +166,24 @@ def bench_command(
         bool, typer.Option("--quick", help="Fewer repetitions (for smoke tests).")
     ] = False,
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="Run only these sections: core, finetune, chat, dashboard."),
+    ] = None,
 ) -> None:
     """Measure our code against transformers side by side in one run and print the ratios."""
-    from core.bench import run_benchmarks
+    from importlib.metadata import entry_points
 
-    results = run_benchmarks(quick=quick, echo=typer.echo)
+    # Each package contributes its own section through the `genai_lab.bench` entry points.
+    sections = sorted(entry_points(group="genai_lab.bench"), key=lambda e: e.name)
+    if only:
+        sections = [e for e in sections if e.name in only]
+    results = {}
+    for ep in sections:
+        typer.echo(f"== {ep.name} ==")
+        results[ep.name] = ep.load()(quick=quick, echo=typer.echo)
     if output:
-        output.write_text(json.dumps(results, indent=2) + "\n")
+        output.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 def register(app: typer.Typer) -> None:

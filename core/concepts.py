@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 class Concept:
     id: str
     title: str
-    page: str  # dashboard page module that shows it (dashboard/pages/<page>.py)
+    page: str  # dashboard page module that shows it (dashboard/views/<page>.py)
     text: str
     key_terms: list[str] = field(default_factory=list)
 

@@ -22,12 +22,12 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and key."""
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert `value` to the field's type (YAML and `--set` give strings/ints for floats etc.)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -39,7 +39,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, where)
+                return coerce(value, arg, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
@@ -65,14 +65,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if origin is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            return [_coerce(v, args[0], where) for v in value]
+            return [coerce(v, args[0], where) for v in value]
     except (TypeError, ValueError):
         name = getattr(hint, "__name__", str(hint))
         raise ConfigError(f"{where}: expected {name}, got {value!r}") from None
     return value
 
 
-def _check_key(cls: type, key: str, where: str) -> None:
+def check_key(cls: type, key: str, where: str) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     if key not in names:
         close = difflib.get_close_matches(key, names, n=1)
@@ -85,7 +85,7 @@ def load_config(
 ) -> T:
     """Build `cls` from defaults, then the YAML file at `path`, then `overrides` (flags)."""
     values: dict[str, Any] = {}
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -97,13 +97,13 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value")
         for key, value in data.items():
-            _check_key(cls, str(key), str(path))
-            values[key] = _coerce(value, types_[key], f"{path}: {key}")
+            check_key(cls, str(key), str(path))
+            values[key] = coerce(value, types_[key], f"{path}: {key}")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        _check_key(cls, key, "command line")
-        values[key] = _coerce(value, types_[key], f"--{key.replace('_', '-')}")
+        check_key(cls, key, "command line")
+        values[key] = coerce(value, types_[key], f"--{key.replace('_', '-')}")
     return cls(**values)
 
 
