@@ -46,9 +46,8 @@ from core.sft import (
     DatasetError,
     TrainConfig,
     fit,
-    load_rows,
+    load_preference_splits,
     optimizer_step,
-    preference_triple,
     prompt_ids,
     sample_indices,
     stop_ids,
@@ -334,16 +333,7 @@ def rlhf(
     `train_pairs` replaces cfg.train_file (the human-feedback store passes its pairs)."""
     cfg.validate()
     out_dir = Path(out_dir)
-    rejects = out_dir / "rejects"
-    if cfg.skip_invalid:
-        rejects.mkdir(parents=True, exist_ok=True)
-    if train_pairs is None:
-        train_pairs = load_rows(
-            cfg.train_file, preference_triple, cfg.skip_invalid, rejects / "train.jsonl", echo
-        )
-    eval_rows = load_rows(
-        cfg.eval_file, preference_triple, cfg.skip_invalid, rejects / "eval.jsonl", echo
-    )
+    train_pairs, eval_rows = load_preference_splits(cfg, out_dir, train_pairs, echo)
     folder = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(folder)
     torch.manual_seed(cfg.seed)

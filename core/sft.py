@@ -140,6 +140,24 @@ def preference_triple(row: dict) -> tuple[str, str, str]:
     return prompt, chosen, rejected
 
 
+def load_preference_splits(
+    cfg, out_dir: Path, train_pairs: list | None, echo: Callable[[str], None] = print
+) -> tuple[list, list]:
+    """Checked (train, eval) preference triples of a reward/RLHF config (`train_file`, `eval_file`,
+    `skip_invalid`); `train_pairs`, when given, replaces the train file (human feedback)."""
+    rejects = Path(out_dir) / "rejects"
+    if cfg.skip_invalid:
+        rejects.mkdir(parents=True, exist_ok=True)
+    if train_pairs is None:
+        train_pairs = load_rows(
+            cfg.train_file, preference_triple, cfg.skip_invalid, rejects / "train.jsonl", echo
+        )
+    eval_rows = load_rows(
+        cfg.eval_file, preference_triple, cfg.skip_invalid, rejects / "eval.jsonl", echo
+    )
+    return train_pairs, eval_rows
+
+
 def load_rows(
     path: str | Path,
     check: Callable[[dict], object],
