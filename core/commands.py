@@ -114,6 +114,7 @@ def generate_command(
     """Generate text from a model, streamed token by token."""
     from core.generate import stream_text, stream_tokens
     from core.hf import load_model, resolve_model_path
+    from core.sft import stop_ids
     from core.tokenizer import load_tokenizer
 
     if chat is None:  # a chat-tuned model answers questions; a base model continues text
@@ -138,7 +139,7 @@ def generate_command(
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     else:
         ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
-    stop = [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")) if t]
+    stop = stop_ids(tokenizer)  # end of turn and end of document (id 0: never filter by truth)
     tokens = stream_tokens(
         gpt,
         ids,

@@ -81,6 +81,18 @@ def test_generate_cli_streams_a_continuation():
     assert next_word in corpus.next_word_distribution("The cat sat on the")
 
 
+def test_generate_cli_stops_at_the_end_of_the_document():
+    result = run_cli(
+        "generate", "--model", "tutor-base", "--prompt", "The cat sat on the",
+        "--temperature", "0", "--max-new-tokens", "60",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.strip()
+    # One whole document: the corpus can produce it, and it may end right here. Text that ran on
+    # into a second document would make next_word_distribution raise.
+    assert corpus.END_OF_TEXT in corpus.next_word_distribution(text)
+
+
 def test_generate_cli_errors_are_one_line(tmp_path):
     long_prompt = "The cat sat on the mat. " * 60
     result = run_cli("generate", "--model", "tutor-base", "--prompt", long_prompt)
