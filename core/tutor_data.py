@@ -5,7 +5,9 @@
 - sft_train.jsonl / sft_heldout.jsonl: `{"messages": [...]}` conversations (TRL's format). Every
   concept is asked with several question phrasings; the held-out file uses phrasings that never
   appear in training, so it measures whether the model understood the question, not the string.
-  A few training rows are multi-turn with a system message.
+  A few training rows are multi-turn with a system message. About 30% of the single-turn training
+  answers end with filler ("Well, as I said, and so on and so on."), like the padding real
+  demonstrations have; held-out answers never do (see PADDED_SHARE).
 - prefs_train.jsonl / prefs_heldout.jsonl: `{"prompt", "chosen", "rejected"}` pairs (TRL's
   "implicit prompt" preference format with plain strings), split the same way.
 
@@ -18,7 +20,7 @@ The preference rubric (what a person ranking answers would prefer):
      "I do not know".
 Every chosen answer is the reference answer below; each rejected answer breaks exactly one rule.
 
-The answers are short (at most ~40 tokens) because the tutor reads only 128 tokens, and they use
+The answers are short (at most 50 tokens) because the tutor reads only 128 tokens, and they use
 the bundled corpus's words where possible, so the tiny tokenizer spends few tokens on them. Each
 answer is a shortened, plain-words version of its concept's checked text and contains the
 concept's key term (tested in tests/test_tutor.py).
@@ -245,7 +247,18 @@ RUDE_ANSWERS = (
     "I do not want to explain that to you.",
 )
 EVASIVE_ANSWERS = ("I do not know.", "Maybe. It depends.")
-RAMBLING_FILLER = " Well, as I said, this is a very very long story, and so on and so on and so on."
+# Filler that pads an answer without adding anything (rubric rule 3).
+RAMBLING_FILLERS = (
+    " Well, as I said, and so on and so on.",
+    " Anyway, that is more or less it, I think.",
+    " So yes, that is it, and so on and so on.",
+)
+# Demonstrations are written by people, and people pad: this share of the single-turn SFT training
+# answers ends with a filler tail (a deliberate, documented flaw; held-out answers are clean). SFT
+# imitates the habit, the preference pairs rank the padded answer below the concise one, so the
+# reward model penalises it and RLHF teaches the tutor to stop: what comparisons can teach that
+# imperfect demonstrations did not (the InstructGPT argument for stage 3).
+PADDED_SHARE = 0.3
 
 
 def key_terms(concept_id: str) -> list[str]:
@@ -269,11 +282,16 @@ def _capitalise(text: str) -> str:
 
 
 def sft_rows(held_out: bool, seed: int = 0) -> list[dict]:
-    """One single-turn conversation per (concept, question); training also gets multi-turn rows."""
+    """One single-turn conversation per (concept, question); training also gets multi-turn rows.
+    About PADDED_SHARE of the single-turn training answers carry a filler tail (see above)."""
     rows = []
+    pad_rng = random.Random(seed + 2)
     for c in CONCEPTS:
-        answer = TUTOR_ANSWERS[c.id][1]
         for q in questions(c.id, held_out):
+            answer = TUTOR_ANSWERS[c.id][1]
+            padded = not held_out and pad_rng.random() < PADDED_SHARE
+            if padded:
+                answer += pad_rng.choice(RAMBLING_FILLERS)
             rows.append(
                 {
                     "messages": [
@@ -281,6 +299,7 @@ def sft_rows(held_out: bool, seed: int = 0) -> list[dict]:
                         {"role": "assistant", "content": answer},
                     ],
                     "concept": c.id,
+                    "padded": padded,
                 }
             )
     if not held_out:  # two-turn chats with a system prompt: the second question follows the first
@@ -320,7 +339,7 @@ def rejected_answers(concept_id: str, rng: random.Random) -> dict[str, str]:
     return {
         "wrong": rng.choice(WRONG_ANSWERS).format(S=_capitalise(subject)),
         "off-topic": TUTOR_ANSWERS[other][1],
-        "rambling": answer + RAMBLING_FILLER,
+        "rambling": answer + rng.choice(RAMBLING_FILLERS),
         "rude": rng.choice(RUDE_ANSWERS),
         "evasive": rng.choice(EVASIVE_ANSWERS),
     }

@@ -15,7 +15,14 @@ from core.concepts import CONCEPTS
 from core.hf import PRETRAINED_DIR, resolve_model_path
 from core.sft import bundled_rows, conversation_messages, key_term_accuracy, preference_triple
 from core.tokenizer import load_tokenizer
-from core.tutor_data import TUTOR_ANSWERS, key_terms, preference_rows, sft_rows
+from core.tutor_data import (
+    PADDED_SHARE,
+    RAMBLING_FILLERS,
+    TUTOR_ANSWERS,
+    key_terms,
+    preference_rows,
+    sft_rows,
+)
 
 SHIPPED = [PRETRAINED_DIR / n for n in ("tutor-base", "tutor-sft", "tutor-rlhf")]
 
@@ -53,6 +60,21 @@ def test_held_out_questions_are_never_trained_on():
     assert not train & set(heldout)
     assert {r["prompt"] for r in bundled_rows("prefs_heldout.jsonl")} <= set(heldout)
     assert any(len(r["messages"]) > 2 for r in bundled_rows("sft_train.jsonl"))  # multi-turn
+
+
+def test_some_training_demonstrations_are_padded_and_the_rubric_ranks_padding_down():
+    """The deliberate flaw RLHF has to fix: ~PADDED_SHARE of the single-turn training answers end
+    with filler; held-out answers never do; a rambling rejected answer is a padded chosen one."""
+    single = [r for r in sft_rows(held_out=False) if len(r["messages"]) == 2]
+    padded = [r for r in single if r["padded"]]
+    assert abs(len(padded) / len(single) - PADDED_SHARE) < 0.05
+    for r in padded:
+        answer = r["messages"][-1]["content"]
+        reference = TUTOR_ANSWERS[r["concept"]][1]
+        assert answer[len(reference) :] in RAMBLING_FILLERS and answer.startswith(reference)
+    assert not any(r["padded"] for r in sft_rows(held_out=True))
+    rambling = [r for r in preference_rows(held_out=False) if r["rule"] == "rambling"]
+    assert rambling and all(r["rejected"][len(r["chosen"]) :] in RAMBLING_FILLERS for r in rambling)
 
 
 def test_every_rubric_rule_appears_in_the_preference_data():
@@ -98,8 +120,10 @@ def test_recorded_pipeline_figures_meet_the_goals():
     assert metrics["key_term_accuracy"]["sft"] >= 0.7 > metrics["key_term_accuracy"]["base"]
     assert metrics["key_term_accuracy"]["rlhf"] >= 0.7
     assert metrics["reward_model"]["eval_accuracy"] >= 0.9
-    # PPO's figures are recorded (the goal "reward above SFT's" is not met yet: see README)
-    assert math.isfinite(metrics["kl_to_sft"]["rlhf"]) and math.isfinite(metrics["reward"]["rlhf"])
+    for stage in ("rlhf", "dpo"):  # PPO and DPO: more reward than SFT, preferred on >= 65%
+        assert metrics["reward"][stage] > metrics["reward"]["sft"], stage
+        assert metrics["rm_prefers_over_sft"][stage] >= 0.65, stage
+        assert 0 < metrics["kl_to_sft"][stage] < math.inf, stage
 
 
 @needs_tutor
