@@ -56,7 +56,7 @@ class PipelineConfig:
     rlhf: dict = field(default_factory=dict)  # RLHFConfig keys (method: ppo)
     dpo: dict | None = field(default_factory=dict)  # RLHFConfig keys for DPO; null: skip DPO
     threads: int | None = 2
-    eval_samples: int = 4  # sampled answers per held-out prompt for the reward figures
+    eval_samples: int = 8  # sampled answers per held-out prompt for the reward figures
     heldout_file: str = str(DATA_DIR / "sft_heldout.jsonl")  # key-term figure (rows with "concept")
     sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
     source: str = ""  # the YAML file this came from (set by load_pipeline_config)

@@ -286,7 +286,7 @@ class RLHFConfig(TrainConfig):
     checkpoint_every: int = 25
     log_every: int = 1  # every PPO step's reward, KL, entropy and clip fraction
     # ppo
-    max_new_tokens: int = 48
+    max_new_tokens: int = 72  # the longest bundled answer (50 tokens) plus a filler tail
     ppo_epochs: int = 4
     minibatches: int = 2
     kl_coef: float = 0.05
