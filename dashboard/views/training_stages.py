@@ -42,9 +42,12 @@ if question.strip():
     for label, text in answers_side_by_side(models, question, temperature, int(seed)).items():
         st.markdown(f"**{label}:** {text or '(nothing)'}")
     st.caption(
-        "The base model only continues text; SFT taught it to answer in the chat format; RLHF "
-        "nudged it toward answers the reward model scores higher, while a KL penalty kept it "
-        "close to the SFT model."
+        "The base model only continues text. SFT taught it the chat format and the answers, and "
+        'also a habit of its demonstrations: about 30% of them end with filler ("Well, as I '
+        'said, and so on and so on."), so the SFT model pads some answers (try temperature 1 '
+        "and a few seeds). People ranked padded answers lower, the reward model learned that, "
+        "and PPO taught the tutor to stop after the answer, while a KL penalty kept it close to "
+        "the SFT model."
     )
 
 # --- the pipeline's figures and curves ----------------------------------------------------------
