@@ -8,6 +8,13 @@ Parameter names are exactly those of transformers' `LlamaForCausalLM` (`model.la
 ...), so a checkpoint is a plain Hugging Face folder in both directions with no renaming table, and
 what you learn here carries over to reading `modeling_llama.py`.
 
+Inference fast path: under `torch.inference_mode()` (generation, the dashboard, chat) q/k/v and
+gate/up each run as one matrix multiply over concatenated copies of their weights. Decoding a
+small model is bound by the number of operations per token, not by arithmetic, so fewer, larger
+matmuls make each token cheaper (`genai-lab bench` measures it). The copies are cached and rebuilt
+whenever a weight changes; training and `no_grad` code take the plain path, so training runs are
+bit-for-bit what they were.
+
 Shapes in comments: B = batch, T = new tokens this call, S = all positions attended to (cache + T),
 H = query heads, KV = key/value heads, D = head dim, C = hidden size, V = vocab.
 """
@@ -128,6 +135,30 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def fused_weights(owner: nn.Module, linears: list[nn.Module]) -> tuple | None:
+    """(weight, bias) of `linears` stacked along the output dim, cached on `owner`, or None when
+    the fast path does not apply (gradients on, or a layer is not a plain nn.Linear, e.g. after
+    quantization). The cache key is each weight's storage and version counter, so an in-place
+    update (an optimizer step, load_state_dict) or a move to another device rebuilds it."""
+    if not torch.is_inference_mode_enabled() or any(type(m) is not nn.Linear for m in linears):
+        return None
+    tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
+    if any(t.is_inference() for t in tensors):  # made in inference mode: no version counter
+        return _stack(linears)
+    key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in linears)
+    key += tuple((m.bias.data_ptr(), m.bias._version) for m in linears if m.bias is not None)
+    cached = getattr(owner, "_fused", None)
+    if cached is None or cached[0] != key:
+        cached = (key, *_stack(linears))
+        owner._fused = cached  # a plain attribute: not a parameter, not in the state dict
+    return cached[1], cached[2]
+
+
+def _stack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight for m in linears])
+    return weight, None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -147,12 +178,17 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        )  # [B, KV, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        fused = fused_weights(self, [self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:  # inference: one matmul for q, k, v and one rotation for q and k
+            qkv = F.linear(x, *fused).view(B, T, H + 2 * KV, D).transpose(1, 2)
+            qk = apply_rotary(qkv[:, : H + KV], cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
+        else:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+            k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
+            v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         past = 0
         if cache is not None:
@@ -169,9 +205,9 @@ class Attention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         # GQA: each key/value head serves n_head / n_kv_head query heads (fewer heads to cache).
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=KV != H
         )  # [B, H, T, D]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -186,6 +222,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_weights(self, [self.gate_proj, self.up_proj])
+        if fused is not None:  # inference: gate and up in one matmul
+            gate, up = F.linear(x, *fused).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

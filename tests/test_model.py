@@ -55,8 +55,11 @@ def test_logits_match_transformers_llama(tmp_path, spec):
         expected = reference(ids).logits
         reloaded = load_model(tmp_path)(ids)
         direct = ours(ids)
+    with torch.inference_mode():  # the fused fast path (one matmul for q/k/v and for gate/up)
+        fast = ours(ids)
     assert expected.abs().max() > 1.0  # the comparison is not between near-zero tensors
     assert (direct - expected).abs().max().item() <= 1e-4
+    assert (fast - expected).abs().max().item() <= 1e-4
     assert (reloaded - expected).abs().max().item() <= 1e-4
 
 
@@ -96,6 +99,26 @@ def test_kv_cache_gives_same_logits_as_full_pass():
         pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(25, 30)]
     assert cache.length == 30
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-4)
+
+
+def test_fused_inference_weights_follow_weight_updates_and_stay_out_of_the_state_dict():
+    model = random_gpt(64, 4, 2, 2, False, bias=True)
+    ids = torch.randint(0, 101, (2, 12))
+    keys = set(model.state_dict())
+    with torch.inference_mode():
+        before = model(ids)
+    assert hasattr(model.model.layers[0].self_attn, "_fused")  # the fast path ran
+    assert set(model.state_dict()) == keys
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # an in-place update of every weight
+    model(ids).logsumexp(-1).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.bias.add_(1.0)  # and one more by hand
+        plain = model(ids)
+    with torch.inference_mode():
+        after = model(ids)
+    assert (after - before).abs().max() > 0.1  # the update shows ...
+    assert torch.allclose(after, plain, atol=1e-5)  # ... and the fast path equals the plain one
 
 
 def test_greedy_generation_same_with_and_without_cache():
