@@ -10,6 +10,7 @@ side in one run, same weights, same batch. Timings live here, never in tests.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -69,7 +70,11 @@ def _train_step_fn(model, logits_of, batch, targets):
 
 
 def training_throughput(
-    batch_size: int = 8, seq_len: int = 256, repeats: int = 5, config: dict | None = None
+    batch_size: int = 8,
+    seq_len: int = 256,
+    repeats: int = 5,
+    config: dict | None = None,
+    rounds: int = 4,
 ) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +91,7 @@ def training_throughput(
     ours_step = _train_step_fn(ours, ours, batch, targets)
     theirs_step = _train_step_fn(theirs, lambda x: theirs(input_ids=x).logits, batch, targets)
     t_ours, t_theirs = [], []
-    for _ in range(2):
+    for _ in range(rounds):
         t_ours.append(_time_steps(ours_step, warmup=1, repeats=repeats))
         t_theirs.append(_time_steps(theirs_step, warmup=1, repeats=repeats))
     ours_tps, theirs_tps = tokens / min(t_ours), tokens / min(t_theirs)
@@ -100,9 +105,8 @@ def training_throughput(
     }
 
 
-@torch.inference_mode()
 def generation_throughput(
-    new_tokens: int = 500, prompt_len: int = 16, config: dict | None = None
+    new_tokens: int = 500, prompt_len: int = 16, config: dict | None = None, rounds: int = 3
 ) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +117,10 @@ def generation_throughput(
         theirs = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_len))
 
-    # Ours: prefill, then one token per step through the cache, timing every step.
+    # Ours: prefill, then one token per step through the cache, timing every step. The model was
+    # built outside inference mode, as load_model builds it, so its fused inference weights are
+    # made once and reused (core/model.py).
+    @torch.inference_mode()
     def ours_generate() -> list[float]:
         cache = ours.new_cache(1, prompt_len + new_tokens)
         logits = ours(prompt, cache=cache)[:, -1]
@@ -125,11 +132,6 @@ def generation_throughput(
             step_times.append(time.perf_counter() - t)
         return step_times
 
-    ours_generate()  # warm-up
-    t = time.perf_counter()
-    step_times = ours_generate()
-    ours_s = time.perf_counter() - t
-
     kwargs = dict(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
@@ -137,10 +139,19 @@ def generation_throughput(
         pad_token_id=0,
         eos_token_id=None,
     )
+
+    ours_generate()  # warm-up
     theirs.generate(prompt, **{**kwargs, "max_new_tokens": 20, "min_new_tokens": 20})
-    t = time.perf_counter()
-    out = theirs.generate(prompt, **kwargs)
-    theirs_s = time.perf_counter() - t
+    # Interleave the rounds and keep each side's best, so a slow patch hits both alike.
+    ours_s = theirs_s = math.inf
+    for _ in range(rounds):
+        t = time.perf_counter()
+        times = ours_generate()
+        if (elapsed := time.perf_counter() - t) < ours_s:
+            ours_s, step_times = elapsed, times
+        t = time.perf_counter()
+        out = theirs.generate(prompt, **kwargs)
+        theirs_s = min(theirs_s, time.perf_counter() - t)
     assert out.shape[1] == prompt_len + new_tokens
     first, last = step_times[:50], step_times[-50:]
     return {
@@ -174,14 +185,20 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
     setups = {"tutor-base": tutor_config(), "12M": BENCH_CONFIG}
     for name, config in setups.items():
         if quick:
-            train = training_throughput(batch_size=2, seq_len=32, repeats=1, config=config)
-            gen = generation_throughput(new_tokens=110, config=config)
+            train = training_throughput(
+                batch_size=2, seq_len=32, repeats=1, config=config, rounds=1
+            )
+            gen = generation_throughput(new_tokens=110, config=config, rounds=1)
         elif name == "tutor-base":
             train = training_throughput(batch_size=32, seq_len=128, config=config)
             gen = generation_throughput(config=config)
         else:
             train = training_throughput(batch_size=8, seq_len=256, config=config)
             gen = generation_throughput(config=config)
+        # Shared machines change speed over minutes: measure the roof again right after the
+        # training run and keep the best seen, so MFU is never inflated by a slow first reading.
+        peak = max(peak, matmul_peak_flops(seconds=0.3 if quick else 1.0))
+        results["matmul_peak_flops"] = peak
         mfu = train["ours_tokens_per_s"] * train["flops_per_token"] / peak
         results[name] = {"training": train, "mfu": mfu, "generation": gen}
         echo(f"{name} shape ({train['parameters'] / 1e6:.2f}M parameters):")
@@ -191,7 +208,10 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
             f"{train['transformers_tokens_per_s']:.0f} tok/s -> {train['speedup']:.2f}x "
             "(goal >= 1.1x)"
         )
-        echo(f"  model-FLOPs utilisation: {100 * mfu:.0f}% of the matmul peak (goal >= 60%)")
+        echo(
+            f"  model-FLOPs utilisation: {100 * mfu:.0f}% of the best matmul peak seen so far, "
+            f"{peak / 1e9:.1f} GFLOP/s (goal >= 60%)"
+        )
         echo(
             f"  generation, {gen['new_tokens']} tokens greedy with KV cache: ours "
             f"{gen['ours_tokens_per_s']:.0f} tok/s, transformers generate "
