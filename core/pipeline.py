@@ -15,7 +15,10 @@ The figures (all on held-out data never trained on):
     term of the reference answer (base, SFT, PPO, DPO);
   - reward-model accuracy on held-out preference pairs;
   - mean reward-model score of sampled answers to held-out prompts, KL(policy ‖ SFT) per answer,
-    and the share of prompts where the RM prefers the RLHF model's answers to the SFT model's.
+    and the share of prompts where the RM prefers the RLHF model's answers to the SFT model's;
+  - the share of those sampled answers that end with filler (the flaw in the bundled
+    demonstrations that RLHF should remove, see core/tutor_data.py);
+  - per held-out question, how many greedy answers gained or lost the key term against SFT's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from core.rlhf import RLHFConfig, evaluate_answers, rlhf, unique_prompts
 from core.sft import DATA_DIR, SFTConfig, answer, key_term_accuracy, load_rows, sft
 from core.sft import preference_triple as _pref
 from core.tokenizer import load_tokenizer
+from core.tutor_data import is_padded
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PIPELINE = CONFIG_DIR / "pipeline.yaml"
@@ -225,11 +229,20 @@ def evaluate_pipeline(cfg: PipelineConfig, out: Path, ppo_cfg: RLHFConfig) -> di
     models = {s: load_model(out / s) for s in stages}
     heldout = [json.loads(x) for x in Path(cfg.heldout_file).read_text("utf-8").splitlines() if x]
     metrics: dict = {"key_term_accuracy": {}, "sample_prompts": cfg.sample_prompts, "samples": {}}
+    hits = {}
     for s, model in models.items():
-        metrics["key_term_accuracy"][s] = key_term_accuracy(model, tokenizer, heldout)[
-            "key_term_accuracy"
-        ]
+        result = key_term_accuracy(model, tokenizer, heldout)
+        metrics["key_term_accuracy"][s], hits[s] = result["key_term_accuracy"], result["hits"]
         metrics["samples"][s] = [answer(model, tokenizer, p) for p in cfg.sample_prompts]
+    # Question by question: which greedy answers gained or lost the key term against SFT's.
+    metrics["key_term_vs_sft"] = {
+        s: {
+            "better": sum(h and not o for h, o in zip(hits[s], hits["sft"], strict=True)),
+            "worse": sum(o and not h for h, o in zip(hits[s], hits["sft"], strict=True)),
+        }
+        for s in ("rlhf", "dpo")
+        if s in hits and "sft" in hits
+    }
     rm = load_reward_model(out / "reward")
     reward_report = json.loads((out / "runs" / "reward" / "report.json").read_text())
     metrics["reward_model"] = {
@@ -245,6 +258,10 @@ def evaluate_pipeline(cfg: PipelineConfig, out: Path, ppo_cfg: RLHFConfig) -> di
     metrics["heldout_prompts"] = len(prompts)
     metrics["reward"] = {s: r["reward"] for s, r in rewards.items()}
     metrics["kl_to_sft"] = {s: r["kl"] for s, r in rewards.items()}
+    metrics["padded_share"] = {}
+    for s, r in rewards.items():
+        texts = [t for per_prompt in r["answers"] for t in per_prompt]
+        metrics["padded_share"][s] = sum(map(is_padded, texts)) / len(texts)
     metrics["rm_prefers_over_sft"], metrics["rm_vs_sft"] = {}, {}
     for s in ("rlhf", "dpo"):
         if s in rewards:
@@ -278,13 +295,19 @@ def markdown_report(m: dict) -> str:
         ("mean RM reward (sampled)", "reward", "{:.3f}"),
         ("KL to SFT per answer (nats)", "kl_to_sft", "{:.3f}"),
         ("RM prefers over SFT", "rm_prefers_over_sft", "{:.1%}"),
+        ("sampled answers ending with filler", "padded_share", "{:.1%}"),
     ):
-        cells = [fmt.format(m[key][s]) if s in m[key] else "–" for s in stages]
+        cells = [fmt.format(m[key][s]) if s in m.get(key, {}) else "–" for s in stages]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for s, c in m.get("rm_vs_sft", {}).items():
         lines.append(
             f"\n{s} vs SFT, per held-out prompt (mean RM score of its sampled answers): "
             f"{c['wins']} wins, {c['ties']} ties (same answers), {c['losses']} losses."
+        )
+    for s, c in m.get("key_term_vs_sft", {}).items():
+        lines.append(
+            f"\n{s} vs SFT, greedy answers per held-out question: {c['better']} gained the key "
+            f"term, {c['worse']} lost it."
         )
     rm = m["reward_model"]
     lines += [

@@ -229,7 +229,8 @@ def evaluate_answers(
     seed: int,
 ) -> dict:
     """Sample `samples` answers per prompt; mean reward-model score and KL(policy ‖ ref) per
-    answer (Σ log π − log π_ref over its tokens, an unbiased estimate), plus per-prompt means."""
+    answer (Σ log π − log π_ref over its tokens, an unbiased estimate), plus per-prompt means and
+    the sampled answers' texts (a list per prompt)."""
     policy.eval()
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     generator = torch.Generator().manual_seed(seed)
@@ -247,7 +248,14 @@ def evaluate_answers(
         kls.append(kl)
         for j, i in enumerate(idx):
             per_prompt[i] = scores[j * samples : (j + 1) * samples].mean()
-            texts[i] = tokenizer.decode(answers[j * samples], skip_special_tokens=True).strip()
+            texts[i] = [
+                tokenizer.decode(a[:n], skip_special_tokens=True).strip()
+                for a, n in zip(
+                    answers[j * samples : (j + 1) * samples],
+                    lengths[j * samples : (j + 1) * samples],
+                    strict=True,
+                )
+            ]
     return {
         "reward": per_prompt.mean().item(),
         "kl": torch.cat(kls).mean().item(),

@@ -405,14 +405,19 @@ def key_term_accuracy(model: GPT, tokenizer, rows: list[dict]) -> dict:
     `rows` are bundled SFT rows (with "concept"); the last user turn is the question."""
     from core.tutor_data import contains_key_term
 
-    hits, samples = 0, []
+    hits, samples = [], []
     for row in rows:
         reply = answer(model, tokenizer, row["messages"][:-1])
-        ok = contains_key_term(reply, row["concept"])
-        hits += ok
+        hits.append(contains_key_term(reply, row["concept"]))
         if len(samples) < 5:
-            samples.append({"question": row["messages"][-2]["content"], "answer": reply, "ok": ok})
-    return {"key_term_accuracy": hits / len(rows), "prompts": len(rows), "samples": samples}
+            question = row["messages"][-2]["content"]
+            samples.append({"question": question, "answer": reply, "ok": hits[-1]})
+    return {
+        "key_term_accuracy": sum(hits) / len(rows),
+        "prompts": len(rows),
+        "hits": hits,  # one bool per row, to compare two models question by question
+        "samples": samples,
+    }
 
 
 def bundled_rows(name: str) -> list[dict]:

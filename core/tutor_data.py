@@ -272,6 +272,11 @@ def contains_key_term(answer: str, concept_id: str) -> bool:
     return any(term.lower() in answer.lower() for term in key_terms(concept_id))
 
 
+def is_padded(answer: str) -> bool:
+    """True if the answer ends with one of the filler tails (the flaw RLHF should remove)."""
+    return answer.rstrip().endswith(tuple(f.strip() for f in RAMBLING_FILLERS))
+
+
 def questions(concept_id: str, held_out: bool) -> list[str]:
     subject = TUTOR_ANSWERS[concept_id][0]
     return [q.format(s=subject) for q in (HELDOUT_QUESTIONS if held_out else TRAIN_QUESTIONS)]

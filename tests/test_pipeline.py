@@ -52,6 +52,10 @@ def test_tiny_pipeline_writes_every_stage_and_skips_them_on_rerun(tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["key_term_accuracy"]) == {"base", "sft", "rlhf", "dpo"}
     assert set(saved["rm_prefers_over_sft"]) == {"rlhf", "dpo"}
+    assert set(saved["padded_share"]) == {"sft", "rlhf", "dpo"}
+    assert all(0 <= v <= 1 for v in saved["padded_share"].values())
+    for stage, counts in saved["key_term_vs_sft"].items():  # at most the 3 held-out questions
+        assert stage in ("rlhf", "dpo") and counts["better"] + counts["worse"] <= 3
     assert saved["seconds"]["total"] > 0 and metrics["heldout_prompts"] == 2
     report = (out / "report.md").read_text()
     assert (

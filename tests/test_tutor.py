@@ -19,6 +19,7 @@ from core.tutor_data import (
     PADDED_SHARE,
     RAMBLING_FILLERS,
     TUTOR_ANSWERS,
+    is_padded,
     key_terms,
     preference_rows,
     sft_rows,
@@ -73,6 +74,8 @@ def test_some_training_demonstrations_are_padded_and_the_rubric_ranks_padding_do
         reference = TUTOR_ANSWERS[r["concept"]][1]
         assert answer[len(reference) :] in RAMBLING_FILLERS and answer.startswith(reference)
     assert not any(r["padded"] for r in sft_rows(held_out=True))
+    assert all(is_padded(r["messages"][-1]["content"]) for r in padded)
+    assert not any(is_padded(r["messages"][-1]["content"]) for r in single if not r["padded"])
     rambling = [r for r in preference_rows(held_out=False) if r["rule"] == "rambling"]
     assert rambling and all(r["rejected"][len(r["chosen"]) :] in RAMBLING_FILLERS for r in rambling)
 
@@ -124,6 +127,9 @@ def test_recorded_pipeline_figures_meet_the_goals():
         assert metrics["reward"][stage] > metrics["reward"]["sft"], stage
         assert metrics["rm_prefers_over_sft"][stage] >= 0.65, stage
         assert 0 < metrics["kl_to_sft"][stage] < math.inf, stage
+        # the flaw RLHF is there to fix: padded answers become rare
+        assert metrics["padded_share"][stage] < metrics["padded_share"]["sft"] / 2, stage
+    assert metrics["key_term_vs_sft"]["rlhf"]["worse"] == 0  # PPO broke no greedy answer
 
 
 @needs_tutor
@@ -162,3 +168,16 @@ def test_training_stages_page_shows_the_stages_and_records_a_ranking(tmp_path, m
     with FeedbackStore(db) as store:
         assert len(store) == 1
         assert len(store.preference_pairs()) == len(answers) * (len(answers) - 1) // 2
+
+
+@needs_tutor
+def test_stages_page_table_shows_the_recorded_figures():
+    import pandas as pd
+
+    from dashboard.lib.stages_view import figures_table, pipeline_figures
+
+    metrics = pipeline_figures()
+    table = figures_table(metrics)
+    assert list(table.columns) == list(metrics["key_term_accuracy"])
+    row = table.loc["sampled answers ending with filler"]
+    assert row["rlhf"] == metrics["padded_share"]["rlhf"] and pd.isna(row["base"])  # not sampled

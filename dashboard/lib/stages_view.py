@@ -59,6 +59,7 @@ def figures_table(metrics: dict) -> pd.DataFrame:
     rows["mean reward-model score (sampled answers)"] = metrics.get("reward", {})
     rows["KL to the SFT model per answer (nats)"] = metrics.get("kl_to_sft", {})
     rows["reward model prefers it over SFT"] = metrics.get("rm_prefers_over_sft", {})
+    rows["sampled answers ending with filler"] = metrics.get("padded_share", {})
     return pd.DataFrame({k: [v.get(s) for s in stages] for k, v in rows.items()}, index=stages).T
 
 
