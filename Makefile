@@ -1,4 +1,5 @@
-# genai-lab: `make run` opens the dashboard, `make test` runs lint + the whole test suite.
+# genai-lab: `make run` opens the dashboard, `make test` runs lint + the whole test suite,
+# `make test-fast` lint + the tests not marked slow.
 # Both create/refresh .venv first. torch is pinned (constraints.txt) so pip takes the local CPU build.
 PYTHON ?= python3.11
 VENV   := .venv
@@ -9,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint format model bench clean
+.PHONY: run test test-fast lint format model bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,12 @@ test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+# The edit loop: lint + every test not marked slow (under 3 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

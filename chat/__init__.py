@@ -4,10 +4,10 @@ with SQLite-backed memory and concept retrieval, and the `genai-lab chat` comman
     from chat.models import load_chat_model      # "tutor", "PATH", "PATH+ADAPTER", "openai:gpt-4o"
     from chat.memory import ChatStore            # conversations in SQLite, one thread id each
     from chat.session import ChatSession         # ask / stream one thread with one model
-    from chat.retrieval import ConceptRetriever  # MiniLM over core.concepts, cites dashboard pages
+    from chat.retrieval import ConceptRetriever  # MiniLM over core.content.concepts, cites dashboard pages
 
-Modules: core_model (ChatCoreGPT, our GPT as a BaseChatModel), hf_model (transformers and LoRA
-adapters through ChatHuggingFace), models (the spec factory), chain (context budget and LCEL
-chain), retrieval, memory (LangGraph graph + SqliteSaver), session, cli. Nothing is imported
+Modules: local_model (ChatLocalModel: our GPT, transformers models and LoRA adapters as one
+BaseChatModel over core's decoding loop), models (the spec factory over core's resolver), chain
+(context budget and LCEL chain), retrieval, memory (LangGraph graph + SqliteSaver), session, cli. Nothing is imported
 here, so `genai-lab` starts fast whichever subcommand runs.
 """

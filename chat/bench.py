@@ -2,7 +2,7 @@
 answers, and what LangChain, LangGraph and SQLite add to the time of an answer.
 
 `run_benchmarks(quick, echo) -> dict` (wired into `genai-lab bench`). Questions are the tutor's
-held-out paraphrases (core/data/sft_heldout.jsonl, never trained on), each tagged with its concept.
+held-out paraphrases (core/content/data/sft_heldout.jsonl, never trained on), each tagged with its concept.
 """
 
 from __future__ import annotations
@@ -14,10 +14,20 @@ from collections.abc import Callable
 
 from langchain_core.messages import HumanMessage
 
+from chat.chain import DEFAULT_SYSTEM_PROMPT, answer_budget, build_chain
+from chat.local_model import ChatLocalModel, generation_config, prompt_ids
+from chat.memory import ChatStore
+from chat.models import Sampling, load_chat_model
+from chat.retrieval import ConceptRetriever
+from chat.session import ChatSession
+from core.chat_format import stop_ids
+from core.content.tutor_data import contains_key_term
+from core.data import bundled_rows
+from core.generate import stream_tokens
+
 
 def held_out_questions(quick: bool) -> list[tuple[str, str]]:
     """(question, concept id) pairs; `quick` keeps every fourth."""
-    from core.sft import bundled_rows
 
     rows = bundled_rows("sft_heldout.jsonl")
     pairs = [(r["messages"][-2]["content"], r["concept"]) for r in rows]
@@ -37,12 +47,8 @@ def retrieval_hit_rate(retriever, questions: list[tuple[str, str]]) -> dict:
 
 
 def grounding_effect(model_spec: str, retriever, questions: list[tuple[str, str]]) -> dict:
-    """Key-term accuracy of greedy answers (core.tutor_data.contains_key_term) with and without
+    """Key-term accuracy of greedy answers (core.content.tutor_data.contains_key_term) with and without
     the system prompt and the retrieved notes."""
-    from chat.chain import DEFAULT_SYSTEM_PROMPT, answer_budget, build_chain
-    from chat.hf_model import Sampling
-    from chat.models import load_chat_model
-    from core.tutor_data import contains_key_term
 
     backend = load_chat_model(model_spec, Sampling(temperature=0))
     budget = answer_budget(backend.context_window)
@@ -68,22 +74,16 @@ def grounding_effect(model_spec: str, retriever, questions: list[tuple[str, str]
 def answer_cost(model_spec: str, new_tokens: int = 40, repeats: int = 5) -> dict:
     """Milliseconds for the same greedy answer: core's loop alone, through the LangChain chat
     model, and as a whole chat turn (graph, checkpoints in SQLite). Median of `repeats`."""
-    from chat.core_model import ChatCoreGPT, prompt_ids, stop_token_ids
-    from chat.hf_model import Sampling
-    from chat.memory import ChatStore
-    from chat.models import load_chat_model
-    from chat.session import ChatSession
-    from core.generate import stream_tokens
 
     question = "What is a token?"
-    model = ChatCoreGPT(model=model_spec, temperature=0, max_tokens=new_tokens)
-    gpt, tokenizer = model.load()
+    model = ChatLocalModel(model=model_spec, temperature=0, max_tokens=new_tokens)
+    lm, tokenizer = model.load()
     ids = prompt_ids(tokenizer, [HumanMessage(question)])
+    stops = stop_ids(tokenizer, generation_config(lm))
 
     def core_loop() -> int:
-        return len(
-            list(stream_tokens(gpt, ids, new_tokens, 0.0, stop_ids=stop_token_ids(tokenizer)))
-        )
+        tokens = stream_tokens(lm, ids, max_new_tokens=new_tokens, temperature=0.0, stop_ids=stops)
+        return len(list(tokens))
 
     def chat_model() -> int:
         return model.invoke(question).usage_metadata["output_tokens"]
@@ -119,7 +119,6 @@ def _median_ms(fn: Callable[[], int], repeats: int) -> float:
 def run_benchmarks(
     quick: bool = False, echo: Callable[[str], None] = print, model: str = "tutor"
 ) -> dict:
-    from chat.retrieval import ConceptRetriever
 
     questions = held_out_questions(quick)
     start = time.perf_counter()

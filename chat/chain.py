@@ -17,12 +17,12 @@ from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, tr
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 
-# The system prompt of the tutor's multi-turn training chats (core/tutor_data.py).
+# The system prompt of the tutor's multi-turn training chats (core/content/tutor_data.py).
 DEFAULT_SYSTEM_PROMPT = "You are a kind tutor."
 NOTES_HEADER = "Notes:"
 # Where retrieved notes go: "prompt" (the model reads them), "cite" (only cited under the answer)
 # or "auto": the prompt for models that read at least NOTES_MIN_CONTEXT tokens. Measured with
-# chat/bench.py on a tutor fine-tuned with core/sft.py's defaults: the 128-token model, never
+# chat/bench.py on a tutor fine-tuned with core/stages/sft.py's defaults: the 128-token model, never
 # trained with notes, gets the key term of held-out questions right 97% of the time without them
 # and 79% with them, so for it they are cited only.
 GROUNDING_MODES = ("auto", "prompt", "cite")

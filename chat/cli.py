@@ -61,9 +61,11 @@ def chat_command(
     ] = False,
 ) -> None:
     """Chat with the tutor (or any model) in the terminal; conversations are saved per thread."""
+    # Deferred: LangChain, LangGraph and torch take seconds to import, and every `genai-lab`
+    # subcommand (and --help) registers this module at start-up.
     from chat.chain import DEFAULT_SYSTEM_PROMPT, notes_in_prompt
-    from chat.hf_model import Sampling
     from chat.memory import ChatStore, default_db_path
+    from chat.models import Sampling
     from chat.session import ChatSession
 
     notes_in_prompt(grounding, 0)  # an unknown mode fails before anything loads

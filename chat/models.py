@@ -1,11 +1,15 @@
-"""One factory for every model the chatbot can talk to, from a spec string:
+"""One factory for every model the chatbot can talk to, from a spec string (core.models.resolve
+reads it, the one resolver):
 
 tutor              the most-trained shipped tutor (rlhf > sft > base)
 tutor-sft, ...     a shipped stage by name
 PATH               a model folder: our GPT if core can load it (Llama family), else transformers
-PATH+ADAPTER       a transformers base model with a peft LoRA adapter on top
-ADAPTER            an adapter folder alone: its base is read from adapter_config.json
+PATH+ADAPTER       a model with a peft LoRA adapter on top
+ADAPTER            an adapter folder alone: its base is read from the adapter's config
+owner/name         a Hugging Face Hub id already in the local cache
 provider:model     a hosted model through `init_chat_model` (needs its package and API key)
+
+Every local model is a `ChatLocalModel` (core's one decoding loop); hosted ones are LangChain's.
 """
 
 from __future__ import annotations
@@ -14,15 +18,20 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
+import torch
+from langchain.chat_models import init_chat_model
+from langchain.chat_models.base import _BUILTIN_PROVIDERS
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
+from langchain_core.messages.utils import count_tokens_approximately
 
-from chat.hf_model import Sampling, adapter_base, is_adapter_folder, load_transformers_chat
+from chat.local_model import ChatLocalModel, context_window
+from core.models import SPEC_HELP, ModelSpec, ModelSpecError, resolve
+from core.sampling import filter_logits
 
-SPEC_HELP = "tutor, tutor-sft, tutor-base, PATH, PATH+ADAPTER or provider:model"
+__all__ = ["SPEC_HELP", "ChatBackend", "ModelSpecError", "Sampling", "load_chat_model"]
 
 # API keys of common providers, checked before the (network) client is built. Providers not
 # listed here report a missing key themselves when they are created.
@@ -44,8 +53,15 @@ PROVIDER_KEYS = {
 DEFAULT_HOSTED_CONTEXT = 8192
 
 
-class ModelSpecError(ValueError):
-    """A model spec that names nothing we can load."""
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings shared by every backend; temperature 0 is greedy."""
+
+    temperature: float = 0.7
+    top_k: int | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -61,90 +77,45 @@ class ChatBackend:
 
     @property
     def token_inspector(self) -> bool:
-        """Whether answers can carry each token's top alternatives (our own models only)."""
-        return self.kind == "core"
+        """Whether answers can carry each token's top alternatives (every local model)."""
+        return self.kind != "provider"
 
 
 def load_chat_model(spec: str, sampling: Sampling | None = None) -> ChatBackend:
     """Resolve a model spec (see the module docstring) into a ready chat model."""
-    import torch
-
-    from core.hf import SHIPPED_MODELS  # (imports torch: only when a model is really loaded)
-    from core.sampling import filter_logits
-
     sampling = sampling or Sampling()
     # core's argument checks, so a bad setting fails here with core's message, for every backend
     filter_logits(torch.zeros(1), sampling.temperature, sampling.top_k, sampling.top_p)
     if sampling.max_tokens is not None and sampling.max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
-    spec = spec.strip()
-    if not spec:
-        raise ModelSpecError(f"empty model spec (expected {SPEC_HELP})")
-    if spec == "tutor" or spec in SHIPPED_MODELS:
-        return _core(spec, spec, sampling)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if is_adapter_folder(path):
-            return _transformers(spec, adapter_base(path), str(path), sampling)
-        from chat.core_model import is_core_folder
-
-        if is_core_folder(path):
-            return _core(spec, str(path), sampling)
-        return _transformers(spec, str(path), None, sampling)
-    if "+" in spec:
-        base, adapter = spec.rsplit("+", 1)
-        if not (Path(adapter).expanduser() / "adapter_config.json").is_file():
-            raise ModelSpecError(f"{spec}: {adapter!r} is not a LoRA adapter folder")
-        if base != "tutor" and base not in SHIPPED_MODELS and not Path(base).expanduser().is_dir():
-            raise ModelSpecError(f"{spec}: base model {base!r} is not a folder or shipped name")
-        return _transformers(spec, base, str(Path(adapter).expanduser()), sampling)
-    if ":" in spec:
-        return _provider(spec, sampling)
-    raise ModelSpecError(f"unknown model {spec!r}: not a folder (expected {SPEC_HELP})")
+    resolved = resolve(spec)
+    if resolved.hosted:
+        return _provider(resolved.spec, sampling)
+    return _local(resolved, sampling)
 
 
-def _core(spec: str, name: str, sampling: Sampling) -> ChatBackend:
-    from chat.core_model import ChatCoreGPT
-
-    model = ChatCoreGPT(
-        model=name,
+def _local(resolved: ModelSpec, sampling: Sampling) -> ChatBackend:
+    model = ChatLocalModel(
+        model=resolved.spec,
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
     )
-    gpt, _ = model.load()  # fail now, with the folder's own error, rather than mid-chat
+    lm, tokenizer = model.load()  # fail now, with the folder's own error, rather than mid-chat
     return ChatBackend(
-        spec=spec,
-        kind="core",
+        spec=resolved.spec,
+        kind="core" if resolved.core else "transformers",
         chat_model=model,
-        context_window=gpt.config.max_position_embeddings,
+        context_window=context_window(lm, tokenizer),
         count_tokens=model.count_tokens,
         max_tokens=sampling.max_tokens,
     )
 
 
-def _transformers(spec: str, base: str, adapter: str | None, sampling: Sampling) -> ChatBackend:
-    from chat.core_model import prompt_ids
-
-    model, context, tokenizer = load_transformers_chat(base, adapter, sampling)
-    return ChatBackend(
-        spec=spec,
-        kind="transformers",
-        chat_model=model,
-        context_window=context,
-        count_tokens=lambda messages: len(prompt_ids(tokenizer, messages)),
-        max_tokens=sampling.max_tokens,
-    )
-
-
 def _provider(spec: str, sampling: Sampling) -> ChatBackend:
-    from langchain.chat_models import init_chat_model
-    from langchain.chat_models.base import _BUILTIN_PROVIDERS
-    from langchain_core.messages.utils import count_tokens_approximately
-
-    provider, model_name = spec.split(":", 1)
+    provider, model_name = spec.split(":", 1)  # resolve() checked the provider:model shape
     provider = provider.replace("-", "_").lower()
     if provider not in _BUILTIN_PROVIDERS:
         raise ModelSpecError(

@@ -1,4 +1,4 @@
-"""Grounding: the project's own concept explanations (`core.concepts`) in a LangChain vector store,
+"""Grounding: the project's own concept explanations (`core.content.concepts`) in a LangChain vector store,
 embedded with all-MiniLM-L6-v2, so answers can cite the dashboard page they come from."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class MiniLMEmbeddings(Embeddings):
 def concept_documents(concepts: Sequence | None = None) -> list[Document]:
     """One document per concept; the metadata says where the dashboard shows it."""
     if concepts is None:
-        from core.concepts import CONCEPTS
+        from core.content.concepts import CONCEPTS
 
         concepts = CONCEPTS
     return [

@@ -3,7 +3,7 @@
 Public API: `load_model(name_or_path)`, `save_model(model, path, tokenizer=None)`, `GPT`, `GPTConfig`.
 """
 
-from core.hf import ModelLoadError, load_model, save_model
 from core.model import GPT, GPTConfig
+from core.models import ModelLoadError, load_model, save_model
 
 __all__ = ["GPT", "GPTConfig", "ModelLoadError", "load_model", "save_model"]

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from core.hf import save_model
+from core.losses import lm_loss
 from core.model import GPT, GPTConfig
+from core.models import save_model
 
 BENCH_CONFIG = dict(
     vocab_size=2048,
@@ -61,7 +61,7 @@ def _train_step_fn(model, logits_of, batch, targets):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
     def step():
-        loss = F.cross_entropy(logits_of(batch).flatten(0, 1), targets.flatten())
+        loss = lm_loss(logits_of(batch), targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -166,7 +166,7 @@ def generation_throughput(
 
 def tutor_config() -> dict:
     """The shipped tutor-base shape (the model the dashboard and `generate` actually run)."""
-    from core.hf import PRETRAINED_DIR, config_from_hf
+    from core.models import PRETRAINED_DIR, config_from_hf
 
     config_file = PRETRAINED_DIR / "tutor-base" / "config.json"
     cfg = config_from_hf(json.loads(config_file.read_text())).to_dict()

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_module_file
 from safetensors.torch import save_model as save_module_file
 
-from core.hf import atomic_directory, write_model_files
 from core.model import GPT
+from core.models import atomic_directory, write_model_files
 
 MODULE_FILE = "module.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{7})$")

@@ -1,11 +1,13 @@
 """The `genai-lab` command line: one typer app, each package adds its own subcommands.
 
-Packages register through the ``genai_lab.commands`` entry-point group (see pyproject.toml), so
-core never imports finetune, chat or the dashboard.
+Packages register through the ``genai_lab.commands`` entry-point group (see pyproject.toml):
+core's commands are in core/commands/, finetune's in finetune/cli.py, chat's in chat/cli.py. So
+this module imports none of them, and core never imports finetune, chat or the dashboard.
 """
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import entry_points
 
 import typer
@@ -22,7 +24,6 @@ app = typer.Typer(
 def cli_errors(fn):
     """Decorator for commands: expected failures (bad input, missing files) print one line
     `error: ...` and exit 1, without a traceback."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -36,14 +37,6 @@ def cli_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def register(app: typer.Typer) -> None:
-    """Add core's subcommands (pretrain, generate, bench) to the root app."""
-    from core import commands, stage_commands
-
-    commands.register(app)
-    stage_commands.register(app)
 
 
 def build_app() -> typer.Typer:

@@ -38,6 +38,8 @@ _LOAD_LOCK = threading.Lock()
 
 @lru_cache(maxsize=1)
 def _load_minilm():
+    # Deferred (here and below): sentence-transformers, scikit-learn and UMAP take seconds to
+    # import, and the dashboard imports this module for its cheap helpers too.
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)

@@ -1,5 +1,6 @@
-"""How close is the model to the truth? For the bundled corpus we know the exact next-word
-distribution of every prefix, so we can measure KL(true || model) instead of guessing from loss.
+"""How good is a model? Held-out loss (`mean_loss`), the tutor's key-term accuracy on held-out
+questions, and, for the bundled corpus, where we know the exact next-word distribution of every
+prefix, KL(true || model) instead of a guess from the loss.
 """
 
 from __future__ import annotations
@@ -8,8 +9,45 @@ import math
 
 import torch
 
-from core import corpus as corpus_lib
+from core.chat_format import IGNORE, encode_prompt
+from core.content import corpus as corpus_lib
+from core.content.tutor_data import contains_key_term
+from core.generate import answer
+from core.losses import lm_loss
 from core.model import GPT
+
+
+@torch.no_grad()
+def mean_loss(model: GPT, batches, device: str = "cpu") -> float:
+    """Mean next-token loss per target token over (ids [B, T], targets [B, T]) batches; targets
+    labelled IGNORE do not count."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for ids, targets in batches:
+        targets = targets.to(device)
+        total += lm_loss(model(ids.to(device)), targets, reduction="sum").item()
+        count += (targets != IGNORE).sum().item()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def key_term_accuracy(model: GPT, tokenizer, rows: list[dict]) -> dict:
+    """Share of greedy answers that contain a key term of the reference answer's concept.
+    `rows` are bundled SFT rows (with "concept"); the last user turn is the question."""
+    hits, samples = [], []
+    for row in rows:
+        reply = answer(model, tokenizer, row["messages"][:-1])
+        hits.append(contains_key_term(reply, row["concept"]))
+        if len(samples) < 5:
+            question = row["messages"][-2]["content"]
+            samples.append({"question": question, "answer": reply, "ok": hits[-1]})
+    return {
+        "key_term_accuracy": sum(hits) / len(rows),
+        "prompts": len(rows),
+        "hits": hits,  # one bool per row, to compare two models question by question
+        "samples": samples,
+    }
 
 
 def continuation_ids(tokenizer, prefix: str, word: str) -> list[int]:
@@ -26,11 +64,6 @@ def continuation_ids(tokenizer, prefix: str, word: str) -> list[int]:
     return tokenizer.encode(full[len(prefix) :], add_special_tokens=False)
 
 
-def prompt_ids(tokenizer, prefix: str) -> list[int]:
-    """A document prefix as the model saw documents in training: after an <|endoftext|>."""
-    return [tokenizer.bos_token_id, *tokenizer.encode(prefix, add_special_tokens=False)]
-
-
 @torch.no_grad()
 def word_probabilities(model: GPT, tokenizer, prefix: str, words: list[str]) -> dict[str, float]:
     """The model's probability of each candidate next word: the product of its tokens'
@@ -38,7 +71,7 @@ def word_probabilities(model: GPT, tokenizer, prefix: str, words: list[str]) -> 
     candidates = {word: continuation_ids(tokenizer, prefix, word) for word in words}
     # A prefix longer than the context keeps its most recent tokens, as generation would.
     room = model.config.max_position_embeddings - max(len(ids) for ids in candidates.values()) + 1
-    base = prompt_ids(tokenizer, prefix)[-room:]
+    base = encode_prompt(tokenizer, prefix, chat=False)[-room:]  # a document after BOS
     device = model.model.embed_tokens.weight.device
     logp_next = torch.log_softmax(model(torch.tensor([base], device=device))[0, -1].float(), -1)
     result = {}

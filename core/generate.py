@@ -1,4 +1,14 @@
-"""Autoregressive generation: feed the prompt once, then one token at a time through the KV cache."""
+"""Autoregressive generation, the one decoding loop: feed the prompt once, then one token at a
+time through the model's key/value cache, sampling each token with core.sampling.
+
+Every model goes through `decode`: our GPT (its KVCache), any transformers causal LM with or
+without an adapter (`past_key_values`), one sequence streamed token by token or a batch of
+rollouts for PPO. What differs between them is a small *stepper* with two methods, `prefill(ids)`
+and `step(tokens)`, each returning the next-token logits [B, V].
+
+The caller picks the grad mode: streaming runs under `torch.inference_mode()` (our GPT's fused
+fast path), PPO's rollouts under `torch.no_grad()` (the plain path training uses).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from core.chat_format import encode_prompt
+from core.chat_format import stop_ids as default_stop_ids
 from core.model import GPT
+from core.models import context_length
 from core.sampling import probabilities, sample_next_token
 
 
@@ -25,9 +38,115 @@ class GenerationStep:
     top_probabilities: list[float]
 
 
+# ---------------------------------------------------------------------------------------------
+# steppers: how one model family runs a prefill and one decoding step
+
+
+class GPTStepper:
+    """Our GPT with its preallocated KV cache, sized to the request (prompt + budget)."""
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int, use_cache: bool = True):
+        self.model = model
+        self.cache = model.new_cache(batch_size, max_len) if use_cache else None
+        self.ids: torch.Tensor | None = None  # the whole text, when running without the cache
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids = ids
+        return self.model(ids, cache=self.cache)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            return self.model(tokens.view(-1, 1), cache=self.cache)[:, -1]
+        # Without the cache every step re-reads the whole text (quadratic work; for teaching).
+        self.ids = torch.cat([self.ids, tokens.view(-1, 1)], dim=1)
+        return self.model(self.ids)[:, -1]
+
+
+class HFStepper:
+    """Any transformers causal LM (a PeftModel too), through its `past_key_values`."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.past = None
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens.view(-1, 1), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_context(model) -> int | None:
+    return context_length(model.config)
+
+
+def stepper_for(model, batch_size: int, max_len: int, use_cache: bool = True):
+    if isinstance(model, GPT):
+        return GPTStepper(model, batch_size, max_len, use_cache)
+    return HFStepper(model)
+
+
+def decode(
+    stepper,
+    ids: torch.Tensor,
+    budget: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    stop_ids: Iterable[int] = (),
+    pad_id: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[bool]]]:
+    """The decoding loop over prompts ids [B, P]. Yields per step (tokens [B], the logits [B, V]
+    they were sampled from, which rows produced a stop token now). A finished row keeps being
+    fed `pad_id` (batched rollouts); the loop ends when every row has stopped or after `budget`
+    tokens, and never runs the model for a token nobody will sample."""
+    stop = set(stop_ids)
+    done = [False] * ids.shape[0]
+    done_t = None
+    logits = stepper.prefill(ids)  # the whole prompt in one pass
+    for step in range(budget):
+        tokens = sample_next_token(logits, temperature, top_k, top_p, generator=generator)
+        if done_t is not None and pad_id is not None:
+            tokens = torch.where(done_t, torch.full_like(tokens, pad_id), tokens)
+        values = tokens.tolist()
+        stopped = [not d and t in stop for t, d in zip(values, done, strict=True)]
+        yield tokens, logits, stopped
+        if any(stopped):
+            done = [d or s for d, s in zip(done, stopped, strict=True)]
+            done_t = torch.tensor(done, device=tokens.device)
+        if all(done) or step == budget - 1:
+            return
+        logits = stepper.step(tokens)
+
+
+def _budget(model, prompt_len: int, max_new_tokens: int) -> int:
+    context = model_context(model) or prompt_len + max_new_tokens
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if prompt_len >= context:
+        raise PromptTooLongError(
+            f"prompt has {prompt_len} tokens; the model's context is {context} tokens "
+            f"(at most {context - 1} leave room for an answer)"
+        )
+    return min(max_new_tokens, context - prompt_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# one sequence, streamed
+
+
 @torch.inference_mode()
-def stream_steps(
-    model: GPT,
+def stream_logits(
+    model,
     input_ids: list[int] | torch.Tensor,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
@@ -36,12 +155,39 @@ def stream_steps(
     seed: int | None = None,
     stop_ids: Iterable[int] = (),
     use_cache: bool = True,
-    top_n: int = 5,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(token id, the raw logits [V] it was sampled from) one by one, for a batch of one. Stops
+    at a stop id (not yielded), after `max_new_tokens`, or when the context window is full.
+    `model` is our GPT or a transformers causal LM; the same seed gives the same tokens."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+    budget = _budget(model, ids.shape[1], max_new_tokens)
+    device = model_device(model)
+    ids = ids.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stepper = stepper_for(model, 1, ids.shape[1] + budget, use_cache)
+    for tokens, logits, stopped in decode(
+        stepper, ids, budget, temperature, top_k, top_p, generator, stop_ids
+    ):
+        if stopped[0]:
+            return
+        yield int(tokens[0]), logits[0]
+
+
+def stream_tokens(model, input_ids: list[int] | torch.Tensor, **kwargs) -> Iterator[int]:
+    """New token ids one by one (see `stream_logits` for the arguments).
+
+    Without the cache (`use_cache=False`) every step re-reads the whole text (quadratic work);
+    with it, each step processes only the newest token. Both give the same tokens (tested).
+    """
+    for token_id, _ in stream_logits(model, input_ids, **kwargs):
+        yield token_id
+
+
+def stream_steps(
+    model, input_ids: list[int] | torch.Tensor, top_n: int = 5, **kwargs
 ) -> Iterator[GenerationStep]:
     """Like `stream_tokens`, but each item also carries the model's top alternatives."""
-    for token_id, logits in _generate(
-        model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, use_cache
-    ):
+    for token_id, logits in stream_logits(model, input_ids, **kwargs):
         probs = probabilities(logits.float())
         top = probs.topk(min(top_n, probs.numel()))
         yield GenerationStep(
@@ -52,77 +198,7 @@ def stream_steps(
         )
 
 
-@torch.inference_mode()
-def stream_tokens(
-    model: GPT,
-    input_ids: list[int] | torch.Tensor,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_ids: Iterable[int] = (),
-    use_cache: bool = True,
-) -> Iterator[int]:
-    """Yield new token ids one by one (batch of one). Stops at a stop id (not yielded), after
-    `max_new_tokens`, or when the context window is full.
-
-    Without the cache every step re-reads the whole text (quadratic work); with it, each step
-    processes only the newest token. Both give the same tokens (tested).
-    """
-    for token_id, _ in _generate(
-        model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, use_cache
-    ):
-        yield token_id
-
-
-@torch.inference_mode()
-def _generate(
-    model: GPT,
-    input_ids,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int | None,
-    stop_ids: Iterable[int],
-    use_cache: bool,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """The decoding loop: yields (token id, the raw logits [V] it was sampled from)."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
-    context = model.config.max_position_embeddings
-    if ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if ids.shape[1] >= context:
-        raise PromptTooLongError(
-            f"prompt has {ids.shape[1]} tokens; the model's context is {context} tokens "
-            f"(at most {context - 1} leave room for an answer)"
-        )
-    device = model.model.embed_tokens.weight.device
-    ids = ids.to(device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop = set(stop_ids)
-    budget = min(max_new_tokens, context - ids.shape[1])
-
-    cache = model.new_cache(1, context) if use_cache else None
-    logits = model(ids, cache=cache)[:, -1]  # prefill: the whole prompt in one pass
-    for step in range(budget):
-        token = sample_next_token(logits, temperature, top_k, top_p, generator=generator)
-        token_id = int(token.reshape(-1)[0])
-        if token_id in stop:
-            return
-        yield token_id, logits[0]
-        if step == budget - 1:
-            return  # no forward pass for a token nobody will sample
-        next_ids = token.reshape(1, 1).to(device)
-        if use_cache:
-            logits = model(next_ids, cache=cache)[:, -1]
-        else:
-            ids = torch.cat([ids, next_ids], dim=1)
-            logits = model(ids)[:, -1]
-
-
-def generate(model: GPT, input_ids: list[int] | torch.Tensor, **kwargs) -> list[int]:
+def generate(model, input_ids: list[int] | torch.Tensor, **kwargs) -> list[int]:
     """All new tokens of `stream_tokens` as a list."""
     return list(stream_tokens(model, input_ids, **kwargs))
 
@@ -143,3 +219,67 @@ def stream_text(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
     final = tokenizer.decode(ids, skip_special_tokens=True)
     if final != shown and final.startswith(shown):
         yield final[len(shown) :]
+
+
+def answer(
+    model,
+    tokenizer,
+    question: str | list[dict],
+    max_new_tokens: int = 60,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> str:
+    """A chat model's reply to a question or conversation (greedy by default), stopping at the
+    end of its turn."""
+    ids = encode_prompt(tokenizer, question)
+    config = getattr(model, "generation_config", None) or model.config
+    new = generate(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        stop_ids=default_stop_ids(tokenizer, config),
+    )
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# a batch of rollouts (PPO)
+
+
+@torch.no_grad()
+def sample_batch(
+    model: GPT,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    stop: list[int],
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample answers for a batch of prompts of equal length [B, P] through one KV cache.
+    (Our GPT has no attention mask, so a batch holds prompts of one token length rather than
+    padded ones.) Returns answers [B, R] (pad after the end), lengths [B] (counting the stop
+    token) and ended [B] (a stop token was produced). Runs under the caller's grad mode."""
+    B, P = prompts.shape
+    budget = min(max_new_tokens, model.config.max_position_embeddings - P)
+    if budget <= 0:
+        raise ValueError(f"prompt of {P} tokens leaves no room to answer")
+    device = model_device(model)
+    stepper = GPTStepper(model, B, P + budget)
+    ended = [False] * B
+    lengths = [0] * B
+    tokens = []
+    for step_tokens, _, stopped in decode(
+        stepper, prompts.to(device), budget, temperature, generator=generator, stop_ids=stop,
+        pad_id=pad_id,
+    ):  # fmt: skip
+        tokens.append(step_tokens)
+        lengths = [n + (not e) for n, e in zip(lengths, ended, strict=True)]
+        ended = [e or s for e, s in zip(ended, stopped, strict=True)]
+    return (
+        torch.stack(tokens, dim=1).cpu(),
+        torch.tensor(lengths),
+        torch.tensor(ended),
+    )

@@ -108,7 +108,8 @@ class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated once.
 
     With the cache, generating token t costs one new row of attention instead of recomputing
-    all t rows: decoding time per token stays flat instead of growing with the text.
+    all t rows. Nothing is recomputed, though each new token still attends over every cached
+    position, so a step's attention grows with the text (its matmuls with the weights do not).
     """
 
     def __init__(
@@ -254,6 +255,20 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> final-norm hidden states [B, T, C] (rotary tables cos/sin [T, D]
+        for these positions)."""
+        x = self.embed_tokens(input_ids)  # [B, T, C]
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        return self.norm(x)
+
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -286,6 +301,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. With a cache, positions continue after it."""
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> the final-norm hidden states [B, T, C] the vocabulary head reads
+        (the reward model and PPO's value head read them too)."""
         T = input_ids.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_position_embeddings:
@@ -297,12 +317,10 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + T}")
         cos = self.rope_cos[start : start + T].to(self.model.embed_tokens.weight.dtype)
         sin = self.rope_sin[start : start + T].to(self.model.embed_tokens.weight.dtype)
-        x = self.model.embed_tokens(input_ids)  # [B, T, C]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
+        h = self.model(input_ids, cos, sin, cache)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.model.norm(x))
+        return h
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         w = self.model.embed_tokens.weight

@@ -245,7 +245,7 @@ def load_hf_model(name_or_path: str = "tutor-base", precision: str = "fp32", dou
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from core.hf import resolve_model_path
+    from core.models import resolve_model_path
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from core.corpus import END_OF_TEXT
+from core.content.corpus import END_OF_TEXT
 
 PAD = "<|pad|>"
 END_OF_TURN = "<|end|>"

@@ -8,7 +8,7 @@ import numpy as np
 import streamlit as st
 
 from core import embeddings, load_model
-from core.hf import resolve_model_path
+from core.models import resolve_model_path
 from core.tokenizer import load_tokenizer
 
 

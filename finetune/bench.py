@@ -16,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from finetune.estimate import MODEL_SHAPES, estimate_memory, format_bytes
+from finetune.estimate import DEFAULT_TARGET_MODULES, MODEL_SHAPES, estimate_memory, format_bytes
+from finetune.modeling import load_base_model
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -41,7 +44,6 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def build_model_folder(shape: dict, folder: Path, seed: int = 0) -> Path:
     """A randomly initialised Llama of this shape, saved as a transformers folder (bf16)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"})
     torch.manual_seed(seed)
@@ -53,9 +55,6 @@ def build_model_folder(shape: dict, folder: Path, seed: int = 0) -> Path:
 def four_bit_footprint(shape_name: str = "SmolLM2-135M", compare_fp32_rest: bool = True) -> dict:
     """Memory of the same weights loaded in fp32 and in 4-bit NF4 (linear layers; embeddings and
     norms in bf16, as in QLoRA; and, for comparison, with those kept in fp32)."""
-    from transformers import AutoModelForCausalLM
-
-    from finetune.modeling import load_base_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_model_folder(MODEL_SHAPES[shape_name], Path(tmp))
@@ -115,11 +114,6 @@ class _StepProbe:
 def lora_vs_full(shape_name: str, batch_size: int, seq_len: int, repeats: int) -> dict:
     """Full fine-tuning, LoRA and QLoRA (r=8, all linear layers) on the same weights and batch,
     fp32 compute, steps interleaved so a noisy neighbour slows all three alike."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    from finetune.estimate import DEFAULT_TARGET_MODULES
-    from finetune.modeling import load_base_model
 
     shape = MODEL_SHAPES[shape_name]
     torch.manual_seed(0)

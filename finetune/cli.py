@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from core.cli import cli_errors
+from core.config import load_config, parse_set_options
 from finetune.config import FinetuneConfig, config_fields
 
 _FIXED = ("config", "set_", "check", "dry_run", "resume", "quiet")
@@ -64,7 +65,8 @@ def finetune_command(
     """LoRA / QLoRA fine-tuning of a Hugging Face causal LM on your own data.
 
     Every config key is also a flag; --check only checks the data, --dry-run only estimates."""
-    from core.config import load_config, parse_set_options
+    # Deferred: datasets, peft and TRL take seconds to import, and every `genai-lab`
+    # subcommand registers this module at start-up.
 
     overrides = parse_set_options(set_)
     overrides.update({k: v for k, v in flags.items() if v is not None})

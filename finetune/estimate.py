@@ -24,7 +24,7 @@ BLOCKSIZE_DOUBLE_QUANT = 256  # the 8-bit absmaxes are quantized again in blocks
 
 
 def _tutor_base_shape() -> dict:
-    from core.hf import PRETRAINED_DIR
+    from core.models import PRETRAINED_DIR
 
     config = json.loads((PRETRAINED_DIR / "tutor-base" / "config.json").read_text())
     keys = (

@@ -60,7 +60,7 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from core.hf import atomic_directory
+    from core.models import atomic_directory
     from finetune.modeling import load_base_model, load_tokenizer, pick_device
 
     if dtype not in DTYPES:

@@ -9,55 +9,35 @@ and remote code only runs with `trust_remote_code`.
 from __future__ import annotations
 
 import os
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from core.hf import SHIPPED_MODELS, resolve_model_path
+from core.models import SHIPPED_NAMES, ModelSpecError, context_length, resolve
 
-SHIPPED_NAMES = ("tutor", *SHIPPED_MODELS)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelSpecError(ValueError):
-    """A model name that is neither shipped, a folder, nor a reachable Hub id."""
+__all__ = ["SHIPPED_NAMES", "ModelSpecError", "context_length"]
 
 
 def resolve_model(spec: str) -> str:
     """A shipped name or folder -> the folder path; a Hub id -> the id (checked against the
-    cache when offline). One-line errors name what was given."""
-    if spec in SHIPPED_NAMES:
-        return str(resolve_model_path(spec))
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelSpecError(f"{spec}: folder has no config.json (not a transformers model)")
-        return str(path)
-    if path.exists() or not _HUB_ID.match(spec):
+    cache when offline), through core's one resolver. Adapters and hosted models are refused:
+    fine-tuning starts from a plain model."""
+    resolved = resolve(spec)
+    if resolved.adapter is not None:
         raise ModelSpecError(
-            f"{spec}: not a model folder, a shipped model ({', '.join(SHIPPED_NAMES)}) or a "
-            "Hugging Face Hub id (owner/name)"
+            f"{spec}: an adapter folder; fine-tune its base model, or merge it first"
         )
-    from huggingface_hub import is_offline_mode, try_to_load_from_cache
-
-    if is_offline_mode() and not isinstance(try_to_load_from_cache(spec, "config.json"), str):
-        raise ModelSpecError(
-            f"{spec}: not in the local Hugging Face cache, and downloads are off "
-            "(HF_HUB_OFFLINE=1); download it once online, or pass a local folder"
-        )
-    return spec
+    if resolved.hosted:
+        raise ModelSpecError(f"{spec}: a hosted model cannot be fine-tuned here")
+    return resolved.source
 
 
 def model_label(spec: str) -> str:
     """How an adapter records its base: shipped names stay names (portable between machines),
     folders become absolute paths, Hub ids stay ids."""
-    if spec in SHIPPED_NAMES:
-        return "tutor-base" if spec == "tutor" else spec
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.is_dir() else spec
+    return resolve(spec).label
 
 
 @contextmanager
@@ -91,15 +71,6 @@ def load_config(spec: str, trust_remote_code: bool = False):
 
     with _one_line_errors(spec, "config"):
         return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
-
-
-def context_length(config) -> int | None:
-    text = config.get_text_config()
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -12,25 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jinja2 import TemplateError
+from core.chat_format import DEFAULT_CHAT_TEMPLATE, RenderError, ensure_chat_template
+from core.chat_format import render as _render
 
-# Used when a tokenizer has no chat template (base models). Documented in the README:
-#   ### User:\n{content}\n\n### Assistant:\n{content}{eos}\n\n   (system turns: "### System:")
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{{- '### ' + message['role'] | capitalize + ':\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
-    "{%- else -%}{{- message['content'] -}}{%- endif -%}"
-    "{{- '\\n\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '### Assistant:\\n' -}}{%- endif -%}"
-)
-
-
-class RenderError(ValueError):
-    """A conversation the chat template cannot render (or not as a sequence of turns)."""
+# The template a tokenizer without one gets, and how a template is given, live in core.chat_format
+# (one chat format for generation, chat and training); this module adds the training view.
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "Encoded", "RenderError", "encode", "ensure_chat_template"]
 
 
 @dataclass
@@ -44,31 +31,6 @@ class Encoded:
 
     def labels(self) -> list[int]:
         return [t if keep else -100 for t, keep in zip(self.input_ids, self.trained, strict=True)]
-
-
-def ensure_chat_template(tokenizer, template: str | None = None) -> str:
-    """Give the tokenizer a chat template; returns where it came from ("model", "default", or
-    the file it was read from). A user's template file wins over the model's."""
-    if template:
-        from pathlib import Path
-
-        tokenizer.chat_template = Path(template).read_text(encoding="utf-8")
-        return template
-    if getattr(tokenizer, "chat_template", None):
-        return "model"
-    if tokenizer.eos_token is None:
-        raise RenderError("the tokenizer has no chat template and no eos token to end answers with")
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    return "default"
-
-
-def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except TemplateError as e:
-        raise RenderError(f"chat template: {e}") from None
 
 
 def trained_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -124,28 +86,6 @@ def held_out_prompt(
     return _render(tokenizer, conversation[:-1], generation_prompt=True), conversation[-1][
         "content"
     ]
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an answer: EOS, and the token the chat template puts right after the
-    assistant's content (<|end|>, <|im_end|>, <|eot_id|> ...)."""
-    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    marker = "\x00answer\x00"
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-    try:
-        text = _render(tokenizer, messages)
-    except RenderError:
-        return sorted(stops)
-    end = text.find(marker)
-    if end >= 0:
-        end += len(marker)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        after = [
-            i for i, (s, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if s >= end
-        ]
-        if after and after[0] in tokenizer.all_special_ids:
-            stops.add(after[0])
-    return sorted(stops)
 
 
 def preview(tokenizer, encoded: Encoded, color: bool = False) -> str:

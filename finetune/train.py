@@ -25,9 +25,35 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from core.atomic import atomic_directory
+from core.config import save_config
+from core.trainer import MetricsLog
 from finetune.config import FinetuneConfig
+from finetune.dryrun import dry_run
+from finetune.estimate import format_bytes
 from finetune.inference import ADAPTER_META
 from finetune.lint import DatasetCheck, check_file, enforce, issue_lines, report_lines
+from finetune.modeling import (
+    check_target_modules,
+    compute_dtype,
+    context_length,
+    default_target_modules,
+    load_base_model,
+    load_config,
+    load_tokenizer,
+    model_label,
+    pick_device,
+)
+from finetune.render import ensure_chat_template
+from finetune.report import collect_samples, write_report
 
 COMPLETE = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -54,7 +80,6 @@ class PreparedData:
 
 
 def resolve_max_length(cfg: FinetuneConfig, model_config) -> int:
-    from finetune.modeling import context_length
 
     context = context_length(model_config)
     if cfg.max_length is None:
@@ -68,8 +93,6 @@ def resolve_max_length(cfg: FinetuneConfig, model_config) -> int:
 
 def prepare_data(cfg: FinetuneConfig, echo=print, color: bool = False) -> PreparedData:
     """Load the tokenizer (not the model), check and encode every row, split train/eval."""
-    from finetune.modeling import load_config, load_tokenizer
-    from finetune.render import ensure_chat_template
 
     cfg.validate()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -115,7 +138,6 @@ def prepare_data(cfg: FinetuneConfig, echo=print, color: bool = False) -> Prepar
 
 
 def to_dataset(examples: list):
-    from datasets import Dataset
 
     return Dataset.from_dict(
         {"input_ids": [e.input_ids for e in examples], "labels": [e.labels() for e in examples]}
@@ -145,7 +167,6 @@ def drop_incomplete_checkpoints(out_dir: Path) -> None:
 
 
 def _trainer_class():
-    from trl import SFTTrainer
 
     class FinetuneTrainer(SFTTrainer):
         """SFTTrainer whose checkpoints are marked complete only once fully written."""
@@ -165,10 +186,6 @@ def _trainer_class():
 
 
 def _callbacks(out_dir: Path, resume_step: int | None, progress: bool, echo):
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    from core.pretrain import MetricsLog
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if is_main_process() else None
 
@@ -226,10 +243,6 @@ def _steps(cfg: FinetuneConfig, n_train: int) -> int:
 
 
 def build_trainer(cfg, data: PreparedData, model, device: str, out_dir: Path, callbacks):
-    import torch
-    from trl import SFTConfig
-
-    from finetune.modeling import compute_dtype
 
     total = _steps(cfg, len(data.train))
     every = max(1, total // 5)
@@ -271,7 +284,6 @@ def build_trainer(cfg, data: PreparedData, model, device: str, out_dir: Path, ca
         processing_class=data.tokenizer,
         callbacks=callbacks,
     )
-    from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; we keep JSONL instead
     if cfg.method == "qlora":
@@ -286,9 +298,6 @@ def build_trainer(cfg, data: PreparedData, model, device: str, out_dir: Path, ca
 
 def add_adapters(cfg: FinetuneConfig, model, echo=print):
     """Wrap the frozen base in LoRA adapters on the target modules (auto: every linear layer)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from finetune.modeling import check_target_modules, default_target_modules
 
     targets = cfg.target_modules or default_target_modules(model)
     check_target_modules(model, targets)
@@ -319,12 +328,6 @@ def finetune(
     cfg: FinetuneConfig, resume: bool = False, echo=print, progress: bool = True, color=False
 ) -> dict:
     """Check the data, train, evaluate before and after, save the adapter and the report."""
-    import torch
-
-    from core.config import save_config
-    from finetune.dryrun import dry_run
-    from finetune.estimate import format_bytes
-    from finetune.modeling import load_base_model, model_label, pick_device
 
     out_dir = Path(cfg.output_dir)
     main = is_main_process()
@@ -390,8 +393,6 @@ def finetune(
     if not main:
         return {}
 
-    from finetune.report import collect_samples, write_report
-
     peft_model = trainer.model
     samples = collect_samples(peft_model, data, cfg.num_samples, cfg.sample_max_new_tokens)
     meta = {
@@ -447,7 +448,6 @@ def _final_eval(trainer) -> dict:
 
 def save_adapter(peft_model, tokenizer, path: Path, meta: dict) -> Path:
     """adapter_model.safetensors + adapter_config.json + tokenizer + finetune.json, atomically."""
-    from core.hf import atomic_directory
 
     with atomic_directory(path) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)

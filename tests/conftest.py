@@ -1,9 +1,38 @@
-"""Test-wide settings: never touch the network (also enforced by pytest-socket in pyproject)."""
+"""Test-wide settings and shared fixtures: never touch the network (also enforced by pytest-socket
+in pyproject). Helpers that several test files need live here as fixtures, never imported from
+another test file."""
 
 import os
+
+import pytest
+import torch
 
 # Set before any test module imports huggingface_hub/transformers, which read these at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tmp_path_factory):
+    """A tiny LoRA adapter on tutor-base, made with peft (random B, so it changes the answers)."""
+    from peft import LoraConfig, get_peft_model  # (peft is slow to import: only when used)
+    from transformers import AutoModelForCausalLM  # after the offline settings above
+
+    from core.models import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("adapter") / "lora"
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path("tutor-base"), local_files_only=True, dtype=torch.float32
+    )
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(base, config).save_pretrained(folder)
+    return folder

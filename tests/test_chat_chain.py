@@ -19,7 +19,7 @@ from chat.memory import ChatStore, ChatStoreError, default_db_path
 from chat.models import ChatBackend
 from chat.retrieval import ConceptRetriever, MiniLMEmbeddings
 from chat.session import ChatSession
-from core.concepts import CONCEPTS
+from core.content.concepts import CONCEPTS
 
 ANSWER = "Tokens are pieces of text the model reads and writes."
 

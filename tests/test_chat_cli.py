@@ -18,13 +18,14 @@ import typer
 import chat.session  # noqa: F401  (import the package before AppTest puts pages/ first on sys.path)
 from chat.chain import DEFAULT_SYSTEM_PROMPT
 from chat.cli import register
-from chat.core_model import load_core_model, stop_token_ids
-from chat.hf_model import Sampling
+from chat.local_model import load_local_model
 from chat.memory import ChatStore
-from chat.models import load_chat_model
+from chat.models import Sampling, load_chat_model
 from core import save_model
+from core.chat_format import stop_ids
 from core.model import GPT, GPTConfig
-from tests.test_chat_models import STORY, make_lora_adapter
+
+STORY = "Once upon a time, there was a little rabbit named Ben."  # the base model runs on
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -119,7 +120,7 @@ def test_repl_commands_and_bad_input_through_stdin(tmp_path):
 def slow_model(tmp_path_factory):
     """A random GPT with a 4,096-token context that never ends its turn (the stop tokens' logits
     are 0, below every top-50 logit): a long answer to interrupt."""
-    _, tokenizer = load_core_model("tutor-base")
+    _, tokenizer = load_local_model("tutor-base")
     config = GPTConfig(
         vocab_size=len(tokenizer),
         hidden_size=256,
@@ -136,7 +137,7 @@ def slow_model(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(config)
     with torch.no_grad():
-        model.model.embed_tokens.weight[stop_token_ids(tokenizer)] = 0
+        model.model.embed_tokens.weight[stop_ids(tokenizer)] = 0
     return save_model(model, tmp_path_factory.mktemp("slow") / "slow", tokenizer=tokenizer)
 
 
@@ -175,13 +176,13 @@ def test_ctrl_c_stops_the_answer_not_the_program(tmp_path, slow_model):
     assert "assistant: " in text and text.rstrip().endswith("[stopped]")  # /history marks it
     saved = ChatStore(db).messages("c")[-1]
     assert saved.response_metadata["interrupted"] and saved.text
-    _, tokenizer = load_core_model(str(slow_model))
+    _, tokenizer = load_local_model(str(slow_model))
     assert len(tokenizer.encode(saved.text)) < 1000  # stopped long before its 2,000 tokens
 
 
 @pytest.mark.slow
-def test_a_lora_adapter_chats_through_the_cli(tmp_path):
-    adapter = make_lora_adapter(tmp_path / "lora")
+def test_a_lora_adapter_chats_through_the_cli(tmp_path, lora_adapter):
+    adapter = lora_adapter
     db = str(tmp_path / "chat.sqlite")
     args = [
         "--db",

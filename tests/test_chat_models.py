@@ -1,5 +1,6 @@
-"""chat's models: our GPT as a LangChain chat model (standard tests, streaming, usage, stop strings,
-token inspector), transformers models and LoRA adapters through ChatHuggingFace, the spec factory."""
+"""chat's models: every local model as one LangChain chat model (standard tests, streaming, usage,
+stop strings, token inspector) over our GPT or transformers (LoRA adapters included), checked
+against transformers' and peft's own `generate`; the spec factory."""
 
 from __future__ import annotations
 
@@ -10,23 +11,23 @@ import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from chat.core_model import ChatCoreGPT, load_core_model, prompt_ids, stop_token_ids
-from chat.hf_model import Sampling
-from chat.models import ModelSpecError, load_chat_model
+from chat.local_model import ChatLocalModel, load_local_model, prompt_ids
+from chat.models import ModelSpecError, Sampling, load_chat_model
+from core.chat_format import stop_ids
 from core.generate import PromptTooLongError, generate
-from core.hf import resolve_model_path
+from core.models import resolve_model_path
 
 STORY = "Once upon a time, there was a little rabbit named Ben."  # the base model runs on
 
 
-class TestChatCoreGPTStandard(ChatModelUnitTests):
+class TestChatLocalModelStandard(ChatModelUnitTests):
     """LangChain's standard unit tests. Tool calling and structured output do not apply (the
     tutor has no tool format); the suite itself skips or no-ops those for models without
     `bind_tools`, and skips serialisation for models that are not `lc_serializable`."""
 
     @property
-    def chat_model_class(self) -> type[ChatCoreGPT]:
-        return ChatCoreGPT
+    def chat_model_class(self) -> type[ChatLocalModel]:
+        return ChatLocalModel
 
     @property
     def chat_model_params(self) -> dict:
@@ -35,7 +36,7 @@ class TestChatCoreGPTStandard(ChatModelUnitTests):
 
 @pytest.fixture(scope="module")
 def tutor():
-    return ChatCoreGPT(model="tutor-base", temperature=0.9, seed=0)
+    return ChatLocalModel(model="tutor-base", temperature=0.9, seed=0)
 
 
 def test_stream_joins_to_invoke_for_the_same_seed(tutor):
@@ -50,7 +51,7 @@ def test_stream_joins_to_invoke_for_the_same_seed(tutor):
 
 
 def test_usage_metadata_is_on_the_last_chunk_and_counts_tokens(tutor):
-    _, tokenizer = load_core_model("tutor-base")
+    _, tokenizer = load_local_model("tutor-base")
     chunks = list(tutor.stream(STORY, top_alternatives=1))
     assert [c.usage_metadata is not None for c in chunks].count(True) == 1
     last = chunks[-1]
@@ -65,26 +66,24 @@ def test_usage_metadata_is_on_the_last_chunk_and_counts_tokens(tutor):
 
 def test_greedy_answer_equals_core_generate_and_transformers():
     """Temperature 0 through LangChain = core's own greedy decoding = transformers' greedy
-    `generate` (through ChatHuggingFace) on the same folder."""
-    gpt, tokenizer = load_core_model("tutor-base")
+    `generate` on the same folder."""
+    from transformers import AutoModelForCausalLM
+
+    gpt, tokenizer = load_local_model("tutor-base")
     messages = [SystemMessage("You are a kind tutor."), HumanMessage(STORY)]
-    ours = ChatCoreGPT(model="tutor-base", temperature=0, max_tokens=40).invoke(messages)
+    ours = ChatLocalModel(model="tutor-base", temperature=0, max_tokens=40).invoke(messages)
     ids = prompt_ids(tokenizer, messages)
-    reference = generate(
-        gpt, ids, max_new_tokens=40, temperature=0, stop_ids=stop_token_ids(tokenizer)
-    )
+    reference = generate(gpt, ids, max_new_tokens=40, temperature=0, stop_ids=stop_ids(tokenizer))
     assert ours.content == tokenizer.decode(reference, skip_special_tokens=True)
-    hf = load_transformers_backend("tutor-base", max_tokens=40)
-    assert hf.chat_model.invoke(messages).content == ours.content
-
-
-def load_transformers_backend(base: str, max_tokens: int = 40, adapter: str | None = None):
-    from chat.hf_model import load_transformers_chat
-
-    model, _, _ = load_transformers_chat(
-        base, adapter, Sampling(temperature=0, max_tokens=max_tokens)
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model_path("tutor-base"), dtype=torch.float32)
+    out = hf.generate(
+        input_ids=torch.tensor([ids]),
+        max_new_tokens=40,
+        do_sample=False,
+        eos_token_id=stop_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
     )
-    return type("Backend", (), {"chat_model": model})
+    assert tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True) == ours.content
 
 
 def test_stop_strings_cut_the_answer_before_the_stop_sequence(tutor):
@@ -96,7 +95,9 @@ def test_stop_strings_cut_the_answer_before_the_stop_sequence(tutor):
     assert streamed == cut.content
     # A model-level stop list works the same way.
     assert (
-        ChatCoreGPT(model="tutor-base", temperature=0.9, seed=0, stop=[word]).invoke(STORY).content
+        ChatLocalModel(model="tutor-base", temperature=0.9, seed=0, stop=[word])
+        .invoke(STORY)
+        .content
         == cut.content
     )
 
@@ -104,7 +105,7 @@ def test_stop_strings_cut_the_answer_before_the_stop_sequence(tutor):
 def test_token_inspector_gives_probabilities_and_alternatives(tutor):
     answer = tutor.invoke(STORY, top_alternatives=5)
     tokens = answer.response_metadata["tokens"]
-    _, tokenizer = load_core_model("tutor-base")
+    _, tokenizer = load_local_model("tutor-base")
     assert tokenizer.decode([t["token_id"] for t in tokens]) == answer.content
     assert len(tokens) == answer.usage_metadata["output_tokens"]
     for t in tokens:
@@ -142,38 +143,13 @@ def test_bad_input_is_a_clear_error(tutor):
     )
 
 
-def make_lora_adapter(folder):
-    """A tiny LoRA adapter on tutor-base, made with peft (random B, so it changes the answers)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path("tutor-base"), local_files_only=True, dtype=torch.float32
-    )
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    get_peft_model(base, config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def lora_adapter(tmp_path_factory):
-    return make_lora_adapter(tmp_path_factory.mktemp("adapter") / "lora")
-
-
 def test_lora_adapter_chats_and_matches_peft_generate(lora_adapter):
     from peft import PeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sampling = Sampling(temperature=0, max_tokens=30)
     backend = load_chat_model(f"tutor-base+{lora_adapter}", sampling)
-    assert backend.kind == "transformers" and not backend.token_inspector
+    assert backend.kind == "transformers" and backend.token_inspector
     answer = backend.chat_model.invoke(STORY).content
     # Reference: peft + transformers' greedy generate, by hand.
     folder = resolve_model_path("tutor-base")
@@ -185,11 +161,11 @@ def test_lora_adapter_chats_and_matches_peft_generate(lora_adapter):
         input_ids=ids,
         max_new_tokens=30,
         do_sample=False,
-        eos_token_id=stop_token_ids(tokenizer),
+        eos_token_id=stop_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
     assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    base = ChatCoreGPT(model="tutor-base", temperature=0, max_tokens=30).invoke(STORY).content
+    base = ChatLocalModel(model="tutor-base", temperature=0, max_tokens=30).invoke(STORY).content
     assert answer != base  # the adapter is really applied
     # An adapter folder alone finds its base in adapter_config.json.
     alone = load_chat_model(str(lora_adapter), sampling)
@@ -202,7 +178,7 @@ def test_the_adapter_folders_own_tokenizer_wins(tmp_path, lora_adapter):
     import shutil
 
     folder = shutil.copytree(lora_adapter, tmp_path / "with-tokenizer")
-    _, tokenizer = load_core_model("tutor-base")
+    _, tokenizer = load_local_model("tutor-base")
     own = copy.deepcopy(tokenizer)
     own.chat_template = (
         "{% for m in messages %}<|user|>\nQuestion: {{ m['content'] }}<|end|>\n{% endfor %}"
@@ -215,10 +191,10 @@ def test_the_adapter_folders_own_tokenizer_wins(tmp_path, lora_adapter):
 
 
 def test_non_llama_folder_goes_through_transformers(tmp_path):
-    """A GPT-2 folder (core reads Llama only) is served by ChatHuggingFace."""
+    """A GPT-2 folder (core reads Llama only) runs through transformers."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _, tokenizer = load_core_model("tutor-base")
+    _, tokenizer = load_local_model("tutor-base")
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=96, n_embd=32, n_layer=1, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)

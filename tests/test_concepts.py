@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.concepts import CONCEPTS, CONCEPTS_BY_ID, concepts_for_page
+from core.content.concepts import CONCEPTS, CONCEPTS_BY_ID, concepts_for_page
 from dashboard.navigation import PAGE_ORDER, page_path
 
 

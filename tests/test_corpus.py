@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from core.corpus import (
+from core.content.corpus import (
     END_OF_TEXT,
     TEMPLATES,
     CorpusError,

@@ -11,7 +11,7 @@ import pytest
 from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
 from streamlit.testing.v1 import AppTest
 
-from core.hf import resolve_model_path
+from core.models import resolve_model_path
 from core.tokenizer import load_tokenizer
 from dashboard.lib import embeddings_view, taxonomy, tokens
 

@@ -11,7 +11,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core import load_model
-from core.hf import resolve_model_path
+from core.models import resolve_model_path
 from core.quantization import SCHEMES, quantize_weight, weight_matrices
 from core.sampling import entropy
 from core.tokenizer import load_tokenizer

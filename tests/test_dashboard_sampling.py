@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 from core import load_model
 from core.evaluate import prefix_kl
 from core.generate import stream_steps
-from core.hf import resolve_model_path
+from core.models import resolve_model_path
 from core.sampling import sample_many, sampling_stages
 from core.tokenizer import load_tokenizer
 from dashboard.lib.sampling_view import (
@@ -27,8 +27,8 @@ from dashboard.lib.sampling_view import (
     compare_with_truth,
     distribution_figure,
     distribution_table,
-    encode_prompt,
     escape_markdown,
+    fit_document_prompt,
     next_token_logits,
     sample_frequencies,
     step_table,
@@ -54,7 +54,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def cat_logits(model, tokenizer):
-    return next_token_logits(model, encode_prompt(tokenizer, "The cat sat on the", 128).ids)
+    return next_token_logits(model, fit_document_prompt(tokenizer, "The cat sat on the", 128).ids)
 
 
 # -----------------------------------------------------------------------------
@@ -80,20 +80,20 @@ def test_token_labels_are_unique_for_a_plot_axis(tokenizer):
 
 
 def test_prompt_starts_like_a_document_and_long_text_is_cut(tokenizer):
-    prompt = encode_prompt(tokenizer, "The cat", 128)
+    prompt = fit_document_prompt(tokenizer, "The cat", 128)
     assert prompt.ids == [tokenizer.bos_token_id, *tokenizer.encode("The cat")]
     assert prompt.message is None
-    assert encode_prompt(tokenizer, "", 128).ids == [tokenizer.bos_token_id]
+    assert fit_document_prompt(tokenizer, "", 128).ids == [tokenizer.bos_token_id]
 
-    long = encode_prompt(tokenizer, "The dog ran. " * 50, 128)
+    long = fit_document_prompt(tokenizer, "The dog ran. " * 50, 128)
     assert len(long.ids) == 128 and long.cut_tokens > 0 and long.cut_chars == 0
     assert long.ids[-5:] == tokenizer.encode("The dog ran. " * 50)[-5:]  # the most recent kept
     assert "128 tokens" in long.message
 
-    huge = encode_prompt(tokenizer, "x" * (MAX_PROMPT_CHARS + 500), 128)
+    huge = fit_document_prompt(tokenizer, "x" * (MAX_PROMPT_CHARS + 500), 128)
     assert huge.cut_chars == 500 and "2,000 characters" in huge.message
     with pytest.raises(ValueError, match="max_tokens"):
-        encode_prompt(tokenizer, "a", 0)
+        fit_document_prompt(tokenizer, "a", 0)
 
 
 # -----------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_truth_comparison_agrees_with_core_evaluate(model, tokenizer):
 
 
 def test_step_table_marks_the_chosen_token(model, tokenizer):
-    ids = encode_prompt(tokenizer, "The cat sat on the", 128).ids
+    ids = fit_document_prompt(tokenizer, "The cat sat on the", 128).ids
     steps = list(stream_steps(model, ids, max_new_tokens=3, temperature=0, top_n=5))
     table = step_table(tokenizer, steps[0])
     assert table["chosen"].tolist()[0] == "◀"  # greedy picks the top alternative

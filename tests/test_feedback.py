@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from core.feedback import FeedbackStore, retrain
-from core.sft import load_rows, preference_triple
+from core.data import load_rows, preference_triple
+from core.stages.feedback import FeedbackStore, retrain
 
 
 def test_record_and_read_back_a_ranked_comparison(tmp_path):

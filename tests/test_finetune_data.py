@@ -10,12 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.hf import resolve_model_path
+from core.chat_format import stop_ids
+from core.models import resolve_model_path
 from finetune.config import FinetuneConfig
 from finetune.data import DataError
 from finetune.lint import check_file
 from finetune.modeling import load_tokenizer
-from finetune.render import DEFAULT_CHAT_TEMPLATE, encode, ensure_chat_template, stop_token_ids
+from finetune.render import DEFAULT_CHAT_TEMPLATE, encode, ensure_chat_template
 from finetune.train import prepare_data
 
 EXAMPLES = Path(__file__).parents[1] / "finetune" / "examples" / "data"
@@ -165,9 +166,9 @@ def test_default_template_for_models_without_one(tokenizer):
     encoded = encode(tok, conversation)
     trained = tok.decode([t for t, m in zip(encoded.input_ids, encoded.trained, strict=True) if m])
     assert trained == "A lamb is a young sheep." + tok.eos_token
-    assert stop_token_ids(tok) == [tok.eos_token_id]
+    assert stop_ids(tok) == [tok.eos_token_id]
     # the tutor's own template ends answers with <|end|>, which generation must stop at
-    assert tokenizer.convert_tokens_to_ids("<|end|>") in stop_token_ids(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in stop_ids(tokenizer)
 
 
 def test_skip_invalid_writes_rejects_and_keeps_the_rest(tmp_path):
@@ -238,6 +239,6 @@ def test_model_spec_errors_name_the_model(monkeypatch):
         ModelSpecError, match=r"^nobody/no-such-model: not in the local Hugging Face"
     ):
         resolve_model("nobody/no-such-model")
-    with pytest.raises(ModelSpecError, match="not a model folder"):
+    with pytest.raises(ModelSpecError, match="unknown model"):
         resolve_model("./no/such/folder")
     assert resolve_model("tutor-base") == str(resolve_model_path("tutor-base"))

@@ -19,12 +19,13 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from core.chat_format import encode_prompt, stop_ids
 from core.config import load_config
-from core.hf import resolve_model_path
+from core.generate import stream_tokens
+from core.models import resolve_model_path
 from finetune.config import FinetuneConfig
-from finetune.inference import load_for_generation, prompt_ids, stream_generate, stream_token_ids
+from finetune.inference import load_for_generation, stream_generate
 from finetune.merge import merge_adapter
-from finetune.render import stop_token_ids
 from finetune.train import COMPLETE, finetune
 
 ROOT = Path(__file__).parents[1]
@@ -90,9 +91,9 @@ def test_generation_with_an_adapter_matches_transformers_generate(qlora_run):
     _, out = qlora_run
     model, tokenizer = load_for_generation(None, str(out / "adapter"))
     assert isinstance(model, PeftModel)
-    ids = prompt_ids(tokenizer, "What is QLoRA?", chat=True)
-    stops = stop_token_ids(tokenizer)
-    ours = list(stream_token_ids(model, ids, 24, temperature=0.0, stop_ids=stops))
+    ids = encode_prompt(tokenizer, "What is QLoRA?", chat=True)
+    stops = stop_ids(tokenizer, model.generation_config)
+    ours = list(stream_tokens(model, ids, max_new_tokens=24, temperature=0.0, stop_ids=stops))
     with torch.inference_mode():
         reference = model.generate(
             input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=stops

@@ -184,7 +184,7 @@ def test_pickle_weights_are_never_loaded(tmp_path):
 
 
 def test_missing_folder_and_mismatched_weights(tmp_path):
-    with pytest.raises(ModelLoadError, match="not a model folder"):
+    with pytest.raises(ModelLoadError, match="unknown model"):
         load_model(tmp_path / "nope")
     save_model(random_gpt(64, 4, 2, 1, True), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

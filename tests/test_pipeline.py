@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from core.config import ConfigError
-from core.hf import load_model
-from core.pipeline import DEFAULT_PIPELINE, load_pipeline_config, run_pipeline
-from core.sft import DATA_DIR
+from core.data import DATA_DIR
+from core.models import load_model
+from core.stages.pipeline import DEFAULT_PIPELINE, load_pipeline_config, run_pipeline
 
 
 def head(name: str, n: int, tmp_path) -> str:

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from core import load_model
 from core.checkpoint import latest_checkpoint, list_checkpoints
 from core.config import ConfigError, load_config
-from core.pretrain import PretrainConfig, batch_for_step, learning_rate, pretrain
+from core.stages.pretrain import PretrainConfig, batch_for_step, pretrain
+from core.trainer import learning_rate
 
 TINY = {
     "num_documents": 1500,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core import load_model
-from core.hf import resolve_model_path
+from core.models import resolve_model_path
 from core.quantization import (
     PRECISIONS,
     bits_per_parameter,

@@ -11,14 +11,13 @@ from sklearn.metrics import log_loss
 from transformers import AutoModelForCausalLM
 
 from core import load_model
-from core.hf import PRETRAINED_DIR
-from core.reward import (
+from core.chat_format import encode_answer, pad_sequences
+from core.losses import bradley_terry_loss
+from core.models import PRETRAINED_DIR
+from core.stages.reward import (
     RewardConfig,
     RewardModel,
-    bradley_terry_loss,
-    encode_pair,
     load_reward_model,
-    pad_sequences,
     save_reward_model,
     train_reward_model,
 )
@@ -44,8 +43,8 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding():
     torch.manual_seed(0)
     rm = RewardModel(load_model("tutor-base"))
     torch.nn.init.normal_(rm.score.weight, std=0.1)
-    short = encode_pair(TOKENIZER, "What is a token?", "A piece of text.")
-    long = encode_pair(TOKENIZER, "What is a token?", "A token is a piece of text, often a word.")
+    short = encode_answer(TOKENIZER, "What is a token?", "A piece of text.")
+    long = encode_answer(TOKENIZER, "What is a token?", "A token is a piece of text, often a word.")
     assert short[-1] == TOKENIZER.convert_tokens_to_ids("<|end|>")
     ids, lengths = pad_sequences([short, long], TOKENIZER.pad_token_id)
     with torch.no_grad():

@@ -9,20 +9,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from core.hf import PRETRAINED_DIR
-from core.sft import (
-    IGNORE,
-    DatasetError,
-    SFTConfig,
-    conversation_messages,
-    encode_conversation,
-    encode_sft_rows,
-    load_rows,
-    mask_view,
-    preference_triple,
-    sft,
-)
-from core.stage_commands import register
+from core.chat_format import IGNORE, encode_conversation, mask_view
+from core.commands.training import register
+from core.data import DatasetError, conversation_messages, load_rows, preference_triple
+from core.models import PRETRAINED_DIR
+from core.stages.sft import SFTConfig, encode_sft_rows, sft
 from core.tokenizer import load_tokenizer
 
 TOKENIZER = load_tokenizer(PRETRAINED_DIR / "tutor-base")
@@ -173,7 +164,7 @@ def test_cli_bad_dataset_is_one_line_error_and_show_mask_works(tmp_path):
 
 def test_padding_does_not_change_the_loss_of_a_row():
     from core import load_model
-    from core.sft import pad_batch
+    from core.chat_format import pad_batch
 
     model = load_model("tutor-base")
     a = encode_sft_rows(TOKENIZER, [("x:1", conversation_messages(GOOD))], 128)

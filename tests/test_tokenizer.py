@@ -7,7 +7,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from core.corpus import END_OF_TEXT, generate_documents, join_words, split_words
+from core.content.corpus import END_OF_TEXT, generate_documents, join_words, split_words
 from core.tokenizer import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,

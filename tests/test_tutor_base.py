@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from core import corpus, load_model
+from core import load_model
+from core.content import corpus
 from core.evaluate import next_word_kl, word_probabilities
-from core.hf import PRETRAINED_DIR, resolve_model_path
+from core.models import PRETRAINED_DIR, resolve_model_path
 from core.tokenizer import load_tokenizer
 
 BASE = PRETRAINED_DIR / "tutor-base"
@@ -32,12 +33,18 @@ def test_shipped_files_are_small_safetensors_with_tokenizer():
     assert weights <= 8 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_next_word_distribution_is_close_to_the_truth(tutor):
     model, tokenizer = tutor
     kl = next_word_kl(model, tokenizer, corpus.held_out_prefixes(400, seed=2024))
     assert kl <= 0.1
+
+
+def test_artifact_recorded_pretraining_time_is_within_budget():
+    """An artifact check: the time `make model` recorded on the 2-core machine (the slow tier's
+    test_pretrain runs pre-training for real)."""
     report = json.loads((BASE / "training_report.json").read_text())
-    assert report["train_seconds"] <= 600  # recorded by `make model` on the 2-core machine
+    assert report["train_seconds"] <= 600
 
 
 def test_the_cat_sat_on_the(tutor):
@@ -94,11 +101,21 @@ def test_generate_cli_stops_at_the_end_of_the_document():
 
 
 def test_generate_cli_errors_are_one_line(tmp_path):
-    long_prompt = "The cat sat on the mat. " * 60
-    result = run_cli("generate", "--model", "tutor-base", "--prompt", long_prompt)
-    assert result.returncode == 1
-    assert "context is 128 tokens" in result.stderr and "Traceback" not in result.stderr
-    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    result = run_cli("generate", "--model", str(tmp_path), "--prompt", "hi")
-    assert result.returncode == 1
-    assert "not Llama-family" in result.stderr and "Traceback" not in result.stderr
+    """In-process through typer's runner (no new interpreter per case)."""
+    from typer.testing import CliRunner
+
+    from core.cli import build_app
+
+    def run(*args):
+        result = CliRunner().invoke(build_app(), ["generate", *args])
+        return result.exit_code, result.output
+
+    code, out = run("--model", "tutor-base", "--prompt", "The cat sat on the mat. " * 60)
+    assert code == 1 and "context is 128 tokens" in out and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')  # no weights, not causal
+    code, out = run("--model", str(tmp_path), "--prompt", "hi")
+    assert code == 1 and str(tmp_path) in out and "Traceback" not in out, out
+    assert len(out.strip().splitlines()) == 1
+    code, out = run("--model", "tutr", "--prompt", "hi")
+    assert code == 1 and "unknown model 'tutr'" in out

@@ -14,7 +14,8 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from core import corpus
+from core.chat_format import encode_prompt
+from core.content import corpus
 from core.evaluate import word_probabilities
 from core.generate import GenerationStep
 from core.sampling import SamplingStages, kl_divergence
@@ -88,7 +89,7 @@ class Prompt:
         return "Long prompt: " + " and ".join(parts) + "."
 
 
-def encode_prompt(tokenizer, text: str, max_tokens: int) -> Prompt:
+def fit_document_prompt(tokenizer, text: str, max_tokens: int) -> Prompt:
     """Tokenize a prompt the way documents looked in training (after <|endoftext|>) and keep at
     most ``max_tokens``, the most recent ones, as generation would."""
     if max_tokens < 1:
@@ -97,7 +98,7 @@ def encode_prompt(tokenizer, text: str, max_tokens: int) -> Prompt:
     text = text[cut_chars:]
     body = tokenizer.encode(text, add_special_tokens=False)
     # After a character cut the text no longer starts a document: no <|endoftext|> before it.
-    ids = body if cut_chars else [tokenizer.bos_token_id, *body]
+    ids = body if cut_chars else encode_prompt(tokenizer, text, chat=False)
     cut_tokens = max(0, len(ids) - max_tokens)
     return Prompt(ids[cut_tokens:], len(body), cut_chars, cut_tokens)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.hf import PRETRAINED_DIR
-from core.sft import answer
+from core.generate import answer
+from core.models import PRETRAINED_DIR
 
 STAGES = (
     ("tutor-base", "1. base (pre-trained)"),

@@ -6,12 +6,11 @@ import pandas as pd
 import streamlit as st
 
 from chat.chain import DEFAULT_SYSTEM_PROMPT
-from chat.hf_model import Sampling
 from chat.memory import ChatStore, default_db_path
-from chat.models import load_chat_model
+from chat.models import Sampling, load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession, TurnResult
-from core.hf import PRETRAINED_DIR, SHIPPED_MODELS
+from core.models import PRETRAINED_DIR, SHIPPED_MODELS
 
 
 @st.cache_resource(show_spinner="Loading the model ...")

@@ -9,9 +9,10 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
+from core.chat_format import encode_prompt
 from core.embeddings import EMBEDDING_DIM, minilm_parameter_count
 from core.generate import stream_text, stream_tokens
-from core.hf import PRETRAINED_DIR, SHIPPED_MODELS
+from core.models import PRETRAINED_DIR, SHIPPED_MODELS
 from dashboard.resources import tutor, warm_up_in_background
 
 # The learning path: (page module, title as in the sidebar, what you do there).
@@ -125,7 +126,7 @@ seed = col3.number_input("Seed", value=0, step=1)
 if not prompt.strip():
     st.info("Type the start of a sentence to let the model continue it.")
 else:
-    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    ids = encode_prompt(tokenizer, prompt, chat=False)
     limit = model.config.max_position_embeddings - 1
     if len(ids) > limit:
         st.warning(f"The text is {len(ids)} tokens; the model reads at most {limit}. Shorten it.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import corpus
+from core.content import corpus
 from core.generate import stream_steps
 from core.sampling import entropy, sample_many, sampling_stages
 from dashboard.lib.sampling_view import (
@@ -14,8 +14,8 @@ from dashboard.lib.sampling_view import (
     comparison_figure,
     distribution_figure,
     distribution_table,
-    encode_prompt,
     escape_markdown,
+    fit_document_prompt,
     next_token_logits,
     sample_frequencies,
     step_table,
@@ -134,7 +134,7 @@ if not text.strip():
         "document (right after the <|endoftext|> token). Type a prompt to see its next token."
     )
 
-prompt = encode_prompt(tokenizer, text, max_tokens=context)
+prompt = fit_document_prompt(tokenizer, text, max_tokens=context)
 if prompt.message:
     st.warning(prompt.message)
 

@@ -27,7 +27,7 @@ from dashboard.lib.quant_view import (
     scheme_table,
     value_histogram_figure,
 )
-from dashboard.lib.sampling_view import encode_prompt
+from dashboard.lib.sampling_view import fit_document_prompt
 from dashboard.resources import tutor
 
 MODEL = "tutor-base"
@@ -162,7 +162,9 @@ st.markdown(
 prompt_text = st.text_input("Prompt", value="The cat sat on the", key="q_prompt")
 if not prompt_text.strip():
     st.info("The prompt is empty: showing the prediction for the start of a document.")
-prompt = encode_prompt(tokenizer, prompt_text, max_tokens=model.config.max_position_embeddings)
+prompt = fit_document_prompt(
+    tokenizer, prompt_text, max_tokens=model.config.max_position_embeddings
+)
 if prompt.message:
     st.warning(prompt.message)
 probs, sizes = distributions(tuple(prompt.ids), double_quant)

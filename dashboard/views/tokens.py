@@ -8,8 +8,8 @@ import json
 import pandas as pd
 import streamlit as st
 
-from core import corpus
-from core.hf import resolve_model_path
+from core.content import corpus
+from core.models import resolve_model_path
 from dashboard.lib.tokens import (
     MAX_CHARS,
     bpe_segments,

@@ -1,5 +1,5 @@
 """Training stages: pre-training -> supervised fine-tuning -> RLHF, shown on the shipped tutor
-models, plus a human-feedback lab that stores your rankings (core.feedback)."""
+models, plus a human-feedback lab that stores your rankings (core.stages.feedback)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.concepts import concepts_for_page
-from core.feedback import FeedbackStore
+from core.content.concepts import concepts_for_page
+from core.stages.feedback import FeedbackStore
 from dashboard.lib.stages_view import (
     CURVES,
     answers_side_by_side,
@@ -70,7 +70,7 @@ for name, label in stages:
 st.subheader("Human-feedback lab")
 st.markdown(
     "Rank the tutor's answers, best first. Each ranking of n answers gives n(n−1)/2 preference "
-    "pairs, the data a reward model and DPO learn from (`core.feedback`)."
+    "pairs, the data a reward model and DPO learn from (`core.stages.feedback`)."
 )
 lab_question = st.text_input("Question for ranking", "What is temperature?")
 if st.button("Sample answers") and lab_question.strip():
@@ -94,6 +94,8 @@ if "lab" in st.session_state:
                 st.error(str(e))
 with FeedbackStore(FEEDBACK_DB) as store:
     pairs = store.preference_pairs()
-st.caption(f"{len(pairs)} preference pairs in {FEEDBACK_DB}. Retrain with `core.feedback.retrain`.")
+st.caption(
+    f"{len(pairs)} preference pairs in {FEEDBACK_DB}. Retrain with `core.stages.feedback.retrain`."
+)
 if pairs:
     st.dataframe([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs[-10:]])

@@ -17,7 +17,7 @@ The figures (all on held-out data never trained on):
   - mean reward-model score of sampled answers to held-out prompts, KL(policy ‖ SFT) per answer,
     and the share of prompts where the RM prefers the RLHF model's answers to the SFT model's;
   - the share of those sampled answers that end with filler (the flaw in the bundled
-    demonstrations that RLHF should remove, see core/tutor_data.py);
+    demonstrations that RLHF should remove, see core/content/tutor_data.py);
   - per held-out question, how many greedy answers gained or lost the key term against SFT's.
 """
 
@@ -34,17 +34,27 @@ from typing import Any
 
 import yaml
 
+from core.atomic import write_text_atomic
 from core.config import ConfigError, check_key, coerce, field_types, load_config
-from core.hf import load_model, resolve_model_path, save_model
-from core.pretrain import PretrainConfig, pretrain
-from core.reward import RewardConfig, load_reward_model, train_reward_model
-from core.rlhf import RLHFConfig, evaluate_answers, rlhf, unique_prompts
-from core.sft import DATA_DIR, SFTConfig, answer, key_term_accuracy, load_rows, sft
-from core.sft import preference_triple as _pref
+from core.content.tutor_data import is_padded
+from core.data import DATA_DIR, load_rows
+from core.data import preference_triple as _pref
+from core.evaluate import key_term_accuracy
+from core.generate import answer
+from core.models import load_model, resolve_model_path, save_model, ship_model
+from core.stages.pretrain import PretrainConfig, pretrain
+from core.stages.reward import (
+    RewardConfig,
+    load_reward_model,
+    save_reward_model,
+    train_reward_model,
+)
+from core.stages.rlhf import RLHFConfig, rlhf
+from core.stages.rollouts import evaluate_answers, unique_prompts
+from core.stages.sft import SFTConfig, sft
 from core.tokenizer import load_tokenizer
-from core.tutor_data import is_padded
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
 DEFAULT_PIPELINE = CONFIG_DIR / "pipeline.yaml"
 SECTIONS = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig}
 SAMPLE_PROMPTS = ["What is a token?", "Explain temperature in simple words.", "What is LoRA?"]
@@ -151,7 +161,7 @@ def run_pipeline(
     pre_cfg = _pretrain_config(cfg) if cfg.base_model is None else None
     out.mkdir(parents=True, exist_ok=True)
     timings_file = out / "timings.json"
-    saved = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    saved = _read_json(timings_file)
     timings, cpu = saved.get("wall", {}), saved.get("cpu", {})
 
     def stage(name: str, folder: Path, run: Callable[[], None]) -> None:
@@ -165,7 +175,7 @@ def run_pipeline(
         # CPU seconds of this process: on a machine shared with other jobs, wall time
         # overstates the work, and CPU time (with `threads` threads) is what a quiet one needs.
         cpu[name] = cpu.get(name, 0.0) + round(time.process_time() - c0, 1)
-        timings_file.write_text(json.dumps({"wall": timings, "cpu": cpu}, indent=2) + "\n")
+        write_text_atomic(timings_file, json.dumps({"wall": timings, "cpu": cpu}, indent=2) + "\n")
 
     def base() -> None:
         if cfg.base_model is not None:
@@ -197,9 +207,17 @@ def run_pipeline(
     metrics["seconds"] = {**timings, "total": round(sum(timings.values()), 1)}
     metrics["pretrain_seconds_recorded"] = _base_train_seconds(cfg, out)
     metrics["cpu_seconds"] = {**cpu, "total": round(sum(cpu.values()), 1)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "report.md").write_text(markdown_report(metrics))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "report.md", markdown_report(metrics))
     return metrics
+
+
+def _read_json(path: Path) -> dict:
+    """A bookkeeping file of an earlier run; one torn by a kill counts as absent."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
 
 
 def _base_train_seconds(cfg: PipelineConfig, out: Path) -> float | None:
@@ -213,8 +231,6 @@ def _base_train_seconds(cfg: PipelineConfig, out: Path) -> float | None:
 
 def _publish(final: Path, target: Path, reward: bool = False) -> None:
     """Copy a run's final folder to the pipeline's stage folder (atomically, via save)."""
-    from core.reward import save_reward_model
-
     tokenizer = load_tokenizer(final)
     if reward:
         save_reward_model(load_reward_model(final), target, tokenizer=tokenizer)
@@ -339,8 +355,6 @@ def markdown_report(m: dict) -> str:
 def ship(out_dir: str | Path, include_base: bool = False, rlhf_from: str = "rlhf") -> list[Path]:
     """Copy the pipeline's sft/ and rlhf/ (and base/) into core/pretrained as fp16 folders.
     `rlhf_from="dpo"` ships the DPO model as tutor-rlhf instead of the PPO one."""
-    from core.commands import ship_model
-
     if rlhf_from not in ("rlhf", "dpo"):
         raise ValueError(f"rlhf_from must be 'rlhf' (PPO) or 'dpo', got {rlhf_from!r}")
     out = Path(out_dir)

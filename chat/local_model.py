@@ -1,16 +1,18 @@
-"""`ChatCoreGPT`: a LangChain chat model over our own GPT (`core`), the tutor or any Llama folder.
+"""`ChatLocalModel`: a LangChain chat model over any local model: our from-scratch GPT (the tutor,
+any Llama folder) or a transformers model with or without a LoRA adapter.
 
-Messages are rendered with the tokenizer's chat template, generated token by token through the
-KV cache (`core.generate.stream_steps`) and streamed as `AIMessageChunk`s. Each chunk can carry
-the model's top alternatives for its tokens (the dashboard's "why this token" view), and the last
-chunk carries `usage_metadata`.
+One path for all of them: messages are rendered by core.chat_format (the tokenizer's chat
+template), generated token by token by core.generate (the one decoding loop, with a per-answer
+seed) and streamed as `AIMessageChunk`s. Each chunk can carry the model's top alternatives for its
+tokens (the dashboard's "why this token" view), and the last chunk carries `usage_metadata`.
+Models are loaded by core.models.load (a QLoRA adapter on the 4-bit base it was trained on).
+Closing the stream stops the model: no token is computed after the reader stops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -27,40 +29,38 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import Field
 
-from core.tokenizer import END_OF_TURN
+from core.chat_format import encode_prompt, stop_ids
+from core.generate import model_context, stream_steps, stream_text
+from core.models import load, resolve
 
 # Per-call overrides accepted by invoke/stream (e.g. `model.invoke(msgs, temperature=0)`).
 _CALL_OPTIONS = ("temperature", "top_k", "top_p", "max_tokens", "seed", "top_alternatives")
+FALLBACK_CONTEXT = 2048  # for a transformers config that names no context length
 
 
 @lru_cache(maxsize=4)
-def load_core_model(name_or_path: str, device: str = "cpu"):
-    """(GPT, tokenizer) of a shipped name or a folder, loaded once per process."""
-    from core import load_model
-    from core.hf import resolve_model_path
-    from core.tokenizer import load_tokenizer
-
-    folder = resolve_model_path(name_or_path)
-    model = load_model(folder, device=device)
-    try:
-        tokenizer = load_tokenizer(folder)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{folder}: cannot load its tokenizer ({e})") from None
+def load_local_model(spec: str, device: str = "cpu"):
+    """(model, tokenizer) of a local model spec (shipped name, folder, adapter, BASE+ADAPTER),
+    loaded once per process."""
+    lm, tokenizer = load(resolve(spec), device=device)
     if not tokenizer.chat_template:
-        raise ValueError(f"{folder}: the tokenizer has no chat template, so it cannot chat")
-    return model, tokenizer
+        raise ValueError(f"{spec}: the tokenizer has no chat template, so it cannot chat")
+    return lm, tokenizer
 
 
-def stop_token_ids(tokenizer, model_config=None) -> list[int]:
-    """Ids that end an answer: end-of-turn `<|end|>` (where the vocabulary has it) and EOS."""
-    ids = {tokenizer.eos_token_id}
-    if model_config is not None:
-        eos = getattr(model_config, "eos_token_id", None)
-        ids.update(eos if isinstance(eos, list) else [eos])
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end is not None and end != tokenizer.unk_token_id:
-        ids.add(end)
-    return sorted(i for i in ids if i is not None)
+def context_window(lm, tokenizer) -> int:
+    """Tokens the model reads, prompt and answer together."""
+    n = model_context(lm)
+    if n is None:
+        limit = tokenizer.model_max_length
+        n = limit if limit < 1_000_000 else FALLBACK_CONTEXT
+    return int(n)
+
+
+def generation_config(lm):
+    """Where a model's end-of-answer ids are listed (transformers' generation config, else the
+    model config)."""
+    return getattr(lm, "generation_config", None) or lm.config
 
 
 def message_dicts(messages: list[BaseMessage]) -> list[dict[str, str]]:
@@ -92,11 +92,7 @@ def prompt_ids(tokenizer, messages: list[BaseMessage]) -> list[int]:
     """Token ids of the rendered conversation, ending with the assistant header."""
     if not messages:
         raise ValueError("no messages to answer")
-    text = tokenizer.apply_chat_template(
-        message_dicts(messages), add_generation_prompt=True, tokenize=False
-    )
-    # The template writes every special token itself, so the tokenizer must add none.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_prompt(tokenizer, message_dicts(messages))
 
 
 class _StopStrings:
@@ -130,15 +126,16 @@ class _StopStrings:
         return out
 
 
-class ChatCoreGPT(BaseChatModel):
-    """Chat with our from-scratch GPT: `ChatCoreGPT(model="tutor", temperature=0.7)`.
+class ChatLocalModel(BaseChatModel):
+    """Chat with a local model: `ChatLocalModel(model="tutor", temperature=0.7)`.
 
-    `model` is a shipped name (`tutor`, `tutor-sft`, `tutor-base`) or a Llama-family folder whose
-    tokenizer has a chat template. The weights are loaded on first use and shared per process.
+    `model` is a shipped name (`tutor`, `tutor-sft`, `tutor-base`), a model folder whose tokenizer
+    has a chat template, an adapter folder or BASE+ADAPTER. The weights are loaded on first use
+    and shared per process.
     """
 
     model: str = "tutor"
-    """Shipped model name or folder."""
+    """Shipped model name, folder, adapter folder or BASE+ADAPTER."""
     temperature: float = 0.7
     """0 is greedy decoding."""
     top_k: int | None = None
@@ -158,7 +155,7 @@ class ChatCoreGPT(BaseChatModel):
 
     @property
     def _llm_type(self) -> str:
-        return "genai-lab-core-gpt"
+        return "genai-lab-local"
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -187,12 +184,12 @@ class ChatCoreGPT(BaseChatModel):
     # -------------------------------------------------------------------------------------------
 
     def load(self):
-        """(GPT, tokenizer), loaded once per process and folder."""
-        return load_core_model(self.model, self.device)
+        """(model, tokenizer), loaded once per process and spec."""
+        return load_local_model(self.model, self.device)
 
     @property
     def context_window(self) -> int:
-        return self.load()[0].config.max_position_embeddings
+        return context_window(*self.load())
 
     def count_tokens(self, messages: list[BaseMessage]) -> int:
         """Prompt tokens of these messages (with the assistant header a reply would add)."""
@@ -215,26 +212,24 @@ class ChatCoreGPT(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        from core.generate import stream_steps, stream_text
-
         unknown = sorted(set(kwargs) - set(_CALL_OPTIONS))
         if unknown:
             raise ValueError(
                 f"unsupported option(s) {', '.join(unknown)} (known: {', '.join(_CALL_OPTIONS)})"
             )
         opts = {k: kwargs.get(k, getattr(self, k)) for k in _CALL_OPTIONS}
-        gpt, tokenizer = self.load()
+        lm, tokenizer = self.load()
         ids = prompt_ids(tokenizer, messages)
-        context = gpt.config.max_position_embeddings
+        context = context_window(lm, tokenizer)
         steps = stream_steps(
-            gpt,
+            lm,
             ids,
             max_new_tokens=opts["max_tokens"] or context,
             temperature=opts["temperature"],
             top_k=opts["top_k"],
             top_p=opts["top_p"],
             seed=opts["seed"],
-            stop_ids=stop_token_ids(tokenizer, gpt.config),
+            stop_ids=stop_ids(tokenizer, generation_config(lm)),
             top_n=max(opts["top_alternatives"], 1),
         )
         # stream_text turns ids into safe text pieces; `pending` remembers which generated
@@ -296,17 +291,3 @@ def token_info(tokenizer, step) -> dict[str, Any]:
             for i, p in zip(step.top_ids, step.top_probabilities, strict=True)
         ],
     }
-
-
-def is_core_folder(path: str | Path) -> bool:
-    """Whether core can load this folder (Llama family), judged from its config.json."""
-    import json
-
-    from core.hf import ModelLoadError, config_from_hf
-
-    config = Path(path) / "config.json"
-    try:
-        config_from_hf(json.loads(config.read_text(encoding="utf-8")), str(config))
-    except (OSError, ValueError, ModelLoadError):
-        return False
-    return True

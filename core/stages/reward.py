@@ -24,43 +24,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.atomic import atomic_directory, write_text_atomic
+from core.chat_format import encode_answer, pad_sequences
 from core.config import save_config
-from core.hf import atomic_directory, load_model, resolve_model_path, write_model_files
+from core.data import DATA_DIR, DatasetError, load_preference_splits
+from core.losses import bradley_terry_loss
 from core.model import GPT
-from core.sft import (
-    DATA_DIR,
-    DatasetError,
-    TrainConfig,
-    fit,
-    load_preference_splits,
-    optimizer_step,
-    prompt_ids,
-    sample_indices,
-    stop_ids,
-)
+from core.models import load_model, resolve_model_path, write_model_files
 from core.tokenizer import load_tokenizer
+from core.trainer import TrainConfig, fit, optimizer_step, sample_indices
 
 HEAD_FILE = "score_head.safetensors"
 REWARD_CONFIG = "reward_config.json"
-
-
-def hidden_states(gpt: GPT, input_ids: torch.Tensor) -> torch.Tensor:
-    """The final-norm hidden states [B, T, C]: GPT.forward without the vocabulary head."""
-    length, context = input_ids.shape[1], gpt.config.max_position_embeddings
-    if length > context:
-        raise ValueError(
-            f"sequence of {length} tokens is longer than the model's context of {context} tokens"
-        )
-    dtype = gpt.model.embed_tokens.weight.dtype
-    cos, sin = gpt.rope_cos[:length].to(dtype), gpt.rope_sin[:length].to(dtype)
-    x = gpt.model.embed_tokens(input_ids)
-    for layer in gpt.model.layers:
-        x = layer(x, cos, sin, None)
-    return gpt.model.norm(x)
 
 
 def last_positions(lengths: torch.Tensor) -> torch.Tensor:
@@ -77,38 +55,18 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] right-padded, lengths [B] -> scores [B] at each row's last token."""
-        h = hidden_states(self.backbone, input_ids)
+        h = self.backbone.hidden_states(input_ids)
         last = h[torch.arange(len(lengths), device=h.device), last_positions(lengths)]
         return self.score(last).squeeze(-1)
 
     @torch.no_grad()
     def score_texts(self, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        ids = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+        ids = [encode_answer(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
         context = self.backbone.config.max_position_embeddings
         ids = [x[:context] for x in ids]
         batch, lengths = pad_sequences(ids, tokenizer.pad_token_id)
         device = self.score.weight.device
         return self(batch.to(device), lengths.to(device)).float().cpu()
-
-
-def encode_pair(tokenizer, prompt: str | list[dict], response: str) -> list[int]:
-    """Chat prompt + answer tokens + <|end|>: exactly what the policy emits during PPO."""
-    answer_ids = tokenizer.encode(response, add_special_tokens=False)
-    return [*prompt_ids(tokenizer, prompt), *answer_ids, stop_ids(tokenizer)[0]]
-
-
-def pad_sequences(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad: ids [B, T] and lengths [B]."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids, torch.tensor([len(s) for s in seqs])
-
-
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """−log σ(r_chosen − r_rejected), averaged over pairs (logsigmoid is stable for any gap)."""
-    return -F.logsigmoid(chosen - rejected).mean()
 
 
 def save_reward_model(rm: RewardModel, path: str | Path, tokenizer=None) -> Path:
@@ -136,7 +94,10 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> RewardModel:
 def encode_preferences(tokenizer, rows, context: int) -> list[tuple[list[int], list[int]]]:
     out = []
     for where, (prompt, chosen, rejected) in rows:
-        pair = (encode_pair(tokenizer, prompt, chosen), encode_pair(tokenizer, prompt, rejected))
+        pair = (
+            encode_answer(tokenizer, prompt, chosen),
+            encode_answer(tokenizer, prompt, rejected),
+        )
         longest = max(len(x) for x in pair)
         if longest > context:
             raise DatasetError(
@@ -229,5 +190,5 @@ def train_reward_model(
     }
     if not math.isfinite(report["eval_loss"]):
         raise ValueError("reward model training diverged (eval loss is not finite)")
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return report

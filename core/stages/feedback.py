@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from core.stages.reward import RewardConfig, train_reward_model
+from core.stages.rlhf import RLHFConfig, rlhf
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -150,9 +153,6 @@ def retrain(
     Writes out_dir/reward/final (reward model) and out_dir/policy/final (the new chat model);
     returns both stages' reports. Held-out evaluation uses the bundled held-out pairs unless an
     `eval_file` is given in the overrides."""
-    from core.reward import RewardConfig, train_reward_model
-    from core.rlhf import RLHFConfig, rlhf
-
     pairs = [
         (f"{store.path}: comparison {p['comparison']}", (p["prompt"], p["chosen"], p["rejected"]))
         for p in store.preference_pairs()

@@ -1,4 +1,6 @@
-"""The training-stage subcommands: `sft`, `reward`, `rlhf`, `pipeline` (see `register`)."""
+"""The training-stage subcommands: `pretrain`, `sft`, `reward`, `rlhf`, `pipeline`. Each builds
+its stage's config from YAML, `--set key=value` and flags (in that order of precedence, flags
+last), and calls the stage in core/stages/."""
 
 from __future__ import annotations
 
@@ -8,7 +10,20 @@ from typing import Annotated
 
 import typer
 
+from core.chat_format import encode_conversation, mask_view
 from core.cli import cli_errors
+from core.config import load_config, parse_set_options
+from core.data import conversation_messages, load_rows
+from core.models import resolve_model_path, ship_model
+from core.stages.pipeline import load_pipeline_config, markdown_report, run_pipeline
+from core.stages.pipeline import ship as ship_stages
+from core.stages.pretrain import PretrainConfig, pretrain
+from core.stages.reward import RewardConfig, train_reward_model
+from core.stages.rlhf import RLHFConfig, rlhf
+from core.stages.sft import SFTConfig, sft
+from core.tokenizer import load_tokenizer
+
+DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "tutor-base.yaml"
 
 ConfigOpt = Annotated[Path | None, typer.Option(help="YAML config of this stage's keys.")]
 SetOpt = Annotated[
@@ -33,11 +48,57 @@ def _summary(report: dict) -> None:
 
 
 def _overrides(set_: list[str] | None, **flags) -> dict:
-    from core.config import parse_set_options
-
     overrides = parse_set_options(set_)
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return overrides
+
+
+@cli_errors
+@cli_errors
+def pretrain_command(
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config (default: the tutor-base recipe).")
+    ] = None,
+    output_dir: Annotated[
+        Path, typer.Option(help="Where checkpoints, metrics and the model go.")
+    ] = Path("runs/pretrain"),
+    corpus: Annotated[
+        str | None, typer.Option(help="Your own text: a .txt/.md file or a folder of them.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (init and batches).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output-dir.")
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override any config key: --set key=value (repeatable)."),
+    ] = None,
+    ship: Annotated[
+        str | None, typer.Option(help="Also copy the result (fp16) to core/pretrained/NAME.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Stage 1: pre-train the GPT on the bundled corpus (or your own text) from scratch."""
+    overrides = _overrides(
+        set_,
+        corpus=corpus,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        device=device,
+    )
+    cfg = load_config(PretrainConfig, config or DEFAULT_CONFIG, overrides)
+    report = pretrain(cfg, output_dir, resume=resume, progress=not quiet)
+    summary = {k: v for k, v in report.items() if k != "config"}
+    typer.echo(json.dumps(summary, indent=2))
+    if ship:
+        ship_model(Path(output_dir) / "final", ship, report)
+        typer.echo(f"shipped to core/pretrained/{ship}")
 
 
 @cli_errors
@@ -62,10 +123,6 @@ def sft_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Stage 2: supervised fine-tuning on conversations (loss on the assistant's tokens only)."""
-    from core.config import load_config
-    from core.sft import SFTConfig, conversation_messages, load_rows, mask_view, sft
-    from core.sft import encode_conversation as encode
-
     overrides = _overrides(
         set_, model=model, train_file=train_file, eval_file=eval_file, max_steps=max_steps
     )
@@ -73,13 +130,12 @@ def sft_command(
         overrides["skip_invalid"] = True
     cfg = load_config(SFTConfig, config, overrides)
     if show_mask:
-        from core.hf import resolve_model_path
-        from core.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(resolve_model_path(cfg.model))
         rows = load_rows(cfg.train_file, conversation_messages, cfg.skip_invalid, echo=typer.echo)
         for where, messages in rows[:show_mask]:
-            typer.echo(f"{where}: {mask_view(tokenizer, *encode(tokenizer, messages))}")
+            typer.echo(
+                f"{where}: {mask_view(tokenizer, *encode_conversation(tokenizer, messages))}"
+            )
         return
     _summary(sft(cfg, output_dir, resume=resume, progress=not quiet, echo=typer.echo))
 
@@ -100,9 +156,6 @@ def reward_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Stage 3a: train a reward model on preference pairs (Bradley-Terry loss)."""
-    from core.config import load_config
-    from core.reward import RewardConfig, train_reward_model
-
     overrides = _overrides(
         set_, model=model, train_file=train_file, eval_file=eval_file, max_steps=max_steps
     )
@@ -131,9 +184,6 @@ def rlhf_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Stage 3b: optimise the chat model with PPO against a reward model, or with DPO."""
-    from core.config import load_config
-    from core.rlhf import RLHFConfig, rlhf
-
     overrides = _overrides(
         set_,
         method=method,
@@ -173,9 +223,6 @@ def pipeline_command(
 ) -> None:
     """All stages: pre-train -> SFT -> reward model -> PPO (+ DPO), with a report. Re-running
     skips finished stages and resumes an interrupted one."""
-    from core.pipeline import load_pipeline_config, markdown_report, run_pipeline
-    from core.pipeline import ship as ship_stages
-
     overrides = {"base_model": base_model} if base_model else {}
     cfg = load_pipeline_config(config, overrides)
     metrics = run_pipeline(cfg, output_dir, progress=not quiet, echo=typer.echo)
@@ -187,6 +234,7 @@ def pipeline_command(
 
 
 def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain_command)
     app.command("sft")(sft_command)
     app.command("reward")(reward_command)
     app.command("rlhf")(rlhf_command)

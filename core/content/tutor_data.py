@@ -1,6 +1,6 @@
-"""The tutor's bundled fine-tuning data, generated from the checked concept list (core/concepts.py).
+"""The tutor's bundled fine-tuning data, generated from the checked concept list (core/content/concepts.py).
 
-`python -m core.tutor_data` rewrites core/data/*.jsonl deterministically:
+`python -m core.content.tutor_data` rewrites core/content/data/*.jsonl deterministically:
 
 - sft_train.jsonl / sft_heldout.jsonl: `{"messages": [...]}` conversations (TRL's format). Every
   concept is asked with several question phrasings; the held-out file uses phrasings that never
@@ -32,7 +32,7 @@ import json
 import random
 from pathlib import Path
 
-from core.concepts import CONCEPTS, CONCEPTS_BY_ID
+from core.content.concepts import CONCEPTS, CONCEPTS_BY_ID
 
 DATA_DIR = Path(__file__).parent / "data"
 SYSTEM_PROMPT = "You are a kind tutor."

@@ -1,0 +1,191 @@
+"""The package layout holds: dependencies flow one way (dashboard -> chat -> finetune -> core),
+no module imports another that imports it back (directly or around a loop), and every idea the
+README's Layout section names has one home. Read from the source with `ast`, not by importing."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("core", "finetune", "chat", "dashboard")
+LAYER = {name: i for i, name in enumerate(PACKAGES)}  # a package may import lower layers only
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {
+        module_name(p): p
+        for package in PACKAGES
+        for p in (ROOT / package).rglob("*.py")
+        if "pretrained" not in p.parts
+    }
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules imported anywhere in the file (also inside functions: a deferred import
+    is still a dependency)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {m: imports_of(p, modules) - {m} for m, p in modules.items()}
+
+
+def test_dependencies_flow_one_way(graph):
+    wrong = [
+        f"{m} imports {dep}"
+        for m, deps in graph.items()
+        for dep in deps
+        if LAYER[dep.split(".")[0]] > LAYER[m.split(".")[0]]
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles(graph):
+    """Tarjan's strongly connected components: any component of two or more modules is a
+    cycle. (A package's __init__ importing its own submodules is not counted.)"""
+    edges = {
+        m: {d for d in deps if not (m + ".").startswith(d + ".") and not d.startswith(m + ".")}
+        for m, deps in graph.items()
+    }
+    index, low, on_stack, stack, cycles = {}, {}, set(), [], []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+
+
+def test_stages_do_not_import_each_other_for_helpers(graph):
+    """A training stage gets shared helpers from the library (core.trainer, core.data,
+    core.chat_format, core.losses, core.generate), not from another stage. The allowed uses are
+    the ones that compose stages: rlhf runs ppo/dpo, ppo and rollouts score with the reward
+    model, the pipeline and the feedback store run stages."""
+    allowed = {
+        "core.stages.rlhf": {"core.stages.ppo", "core.stages.dpo", "core.stages.reward",
+                             "core.stages.rollouts"},
+        "core.stages.ppo": {"core.stages.rollouts"},
+        "core.stages.rollouts": {"core.stages.reward"},
+        "core.stages.pipeline": {"core.stages.pretrain", "core.stages.sft", "core.stages.reward",
+                                 "core.stages.rlhf", "core.stages.rollouts"},
+        "core.stages.feedback": {"core.stages.reward", "core.stages.rlhf"},
+    }  # fmt: skip
+    wrong = [
+        f"{m} imports {d}"
+        for m, deps in graph.items()
+        if m.startswith("core.stages.")
+        for d in deps
+        if d.startswith("core.stages.") and d != "core.stages" and d not in allowed.get(m, set())
+    ]
+    assert not wrong, "\n".join(wrong)
+    library = [m for m in graph if m.startswith("core.") and not m.startswith("core.stages")]
+    leaks = [
+        f"{m} imports {d}"
+        for m in library
+        for d in graph[m]
+        if d.startswith("core.stages") and not m.startswith("core.commands")
+    ]
+    assert not leaks, "the library must not depend on a stage:\n" + "\n".join(leaks)
+
+
+def test_one_definition_per_idea():
+    """The ideas that used to be written several times are defined once each."""
+    ideas = {
+        "def decode": "core/generate.py",  # the decoding loop
+        "def resolve": "core/models.py",  # the model resolver
+        "def encode_prompt": "core/chat_format.py",  # prompt -> ids
+        "def stop_ids": "core/chat_format.py",  # where an answer ends
+        "def load_spec": "finetune/inference.py",  # the adapter loader
+        "def fit": "core/trainer.py",  # the training loop
+        "def lm_loss": "core/losses.py",  # next-token cross-entropy
+        "class ModelSpecError": "core/models.py",
+    }
+    sources = {
+        str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
+        for package in PACKAGES
+        for p in (ROOT / package).rglob("*.py")
+    }
+    for needle, home in ideas.items():
+        where = [f for f, text in sources.items() if f"\n{needle}(" in text or
+                 f"\n{needle}:" in text]  # fmt: skip
+        assert where == [home], f"{needle}: defined in {where}, expected only {home}"
+    cross_entropy = [f for f, text in sources.items() if "F.cross_entropy(" in text]
+    assert cross_entropy == ["core/losses.py"], cross_entropy
+
+
+def defined_names(path: Path) -> set[str]:
+    """Names a module defines at its top level (functions, classes, assignments, imports)."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def test_every_project_import_names_something_that_exists():
+    """Also the imports inside functions, which importing a module does not run: a moved
+    function must not leave a deferred import pointing at its old home."""
+    modules = project_modules()
+    tests = {module_name(p): p for p in (ROOT / "tests").glob("*.py")}
+    broken = []
+    for source in [*modules.values(), *tests.values()]:
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                continue
+            if node.module.split(".")[0] not in PACKAGES:
+                continue
+            if node.module not in modules:
+                broken.append(f"{source.name}: no module {node.module}")
+                continue
+            defined = defined_names(modules[node.module])
+            for alias in node.names:
+                if alias.name not in defined and f"{node.module}.{alias.name}" not in modules:
+                    broken.append(f"{source.name}: {node.module} has no {alias.name}")
+    assert not broken, "\n".join(broken)
