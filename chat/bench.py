@@ -24,6 +24,7 @@ from core.chat_format import stop_ids
 from core.content.tutor_data import contains_key_term
 from core.data import bundled_rows
 from core.generate import stream_tokens
+from core.models import BOT_ADAPTER, BOT_MODEL, is_adapter_folder
 
 
 def held_out_questions(quick: bool) -> list[tuple[str, str]]:
@@ -116,6 +117,49 @@ def _median_ms(fn: Callable[[], int], repeats: int) -> float:
     return statistics.median(times)
 
 
+def bot_latency(model_spec: str, retriever, new_tokens: int = 64, repeats: int = 3) -> dict:
+    """What the chat page feels with the demo bot: time to the first token and tokens per second
+    of a grounded answer through the LangChain chat model, for a prompt of about 300 tokens (the
+    bot's system prompt + three retrieved notes + the question). Median of `repeats`, after a
+    warm-up; greedy, so every repeat does the same work."""
+    import os
+
+    import torch
+
+    from chat.chain import BOT_SYSTEM_PROMPT, fit_prompt
+
+    chat_model = ChatLocalModel(model=model_spec, temperature=0, max_tokens=new_tokens)
+    question = "How does top-p sampling decide how many tokens to keep at each step?"
+    notes = retriever.store.similarity_search_with_score(question, k=3)
+    docs = [d for d, _ in notes]
+    fitted = fit_prompt(
+        question, [], docs, chat_model.count_tokens, 8192, new_tokens, BOT_SYSTEM_PROMPT
+    )
+    messages = [*fitted.system, HumanMessage(question)]
+    firsts, rates, tokens = [], [], 0
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        first = None
+        for chunk in chat_model.stream(messages, stop=None):
+            if first is None and chunk.content:
+                first = time.perf_counter() - start
+            if chunk.usage_metadata:
+                tokens = chunk.usage_metadata["output_tokens"]
+        total = time.perf_counter() - start
+        if i:  # the first round warms up
+            firsts.append(first or total)
+            rates.append((tokens - 1) / max(total - (first or 0.0), 1e-9))
+    return {
+        "model": model_spec,
+        "prompt_tokens": fitted.prompt_tokens,
+        "answer_tokens": tokens,
+        "first_token_s": statistics.median(firsts),
+        "tokens_per_s": statistics.median(rates),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+    }
+
+
 def run_benchmarks(
     quick: bool = False, echo: Callable[[str], None] = print, model: str = "tutor"
 ) -> dict:
@@ -139,8 +183,18 @@ def run_benchmarks(
         f"  one answer of {cost['tokens']} tokens, ms: "
         + ", ".join(f"{name} {cost[name]:.0f}" for name in names)
     )
+    bot = {}
+    if is_adapter_folder(BOT_ADAPTER):
+        bot = bot_latency(BOT_MODEL, retriever, repeats=1 if quick else 3)
+        echo(
+            f"  demo bot ({BOT_MODEL}), {bot['prompt_tokens']}-token grounded prompt, "
+            f"{bot['threads']} threads, load {bot['load_average']:.1f}: first token "
+            f"{bot['first_token_s']:.2f} s (goal <= 1.5 s), {bot['tokens_per_s']:.1f} tokens/s "
+            "(goal >= 15)"
+        )
     return {
         "model": model,
+        "bot": bot,
         "retrieval": {**hits, "build_seconds": build_s},
         "key_term_accuracy": grounding,
         "answer_ms": cost,

@@ -19,12 +19,29 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrou
 
 # The system prompt of the tutor's multi-turn training chats (core/content/tutor_data.py).
 DEFAULT_SYSTEM_PROMPT = "You are a kind tutor."
+# The demo bot's (chat/bot.py; its adapter is trained with it), and the default for other models.
+BOT_SYSTEM_PROMPT = (
+    "You are the genai-lab tutor. Answer questions about generative AI in one to three short "
+    "sentences, using the notes when they help. If a question is not about AI, say so."
+)
+TUTOR_NAMES = ("tutor", "tutor-sft", "tutor-rlhf", "tutor-base")
+
+
+def default_system_prompt(spec: str) -> str:
+    """The system prompt a model was trained with: the tutor's own, else the bot's."""
+    return DEFAULT_SYSTEM_PROMPT if spec in TUTOR_NAMES else BOT_SYSTEM_PROMPT
+
+
 NOTES_HEADER = "Notes:"
 # Where retrieved notes go: "prompt" (the model reads them), "cite" (only cited under the answer)
 # or "auto": the prompt for models that read at least NOTES_MIN_CONTEXT tokens. Measured with
 # chat/bench.py on a tutor fine-tuned with core/stages/sft.py's defaults: the 128-token model, never
 # trained with notes, gets the key term of held-out questions right 97% of the time without them
 # and 79% with them, so for it they are cited only.
+# The bot's refusal. An answer counts as an abstention when it contains ABSTAIN_MARKER (the
+# adapter is trained to say it when the notes do not cover a question).
+ABSTAIN_MARKER = "I only know about generative AI"
+ABSTAIN_ANSWER = f"{ABSTAIN_MARKER} and the ideas this lab teaches, so I can't answer that."
 GROUNDING_MODES = ("auto", "prompt", "cite")
 NOTES_MIN_CONTEXT = 512
 

@@ -19,19 +19,120 @@ HELP = """commands:
   /quit           leave (Ctrl-D too); Ctrl-C stops an answer, not the program"""
 
 
+bot_app = typer.Typer(
+    help="The demo bot (SmolLM2 + notes + our adapter): its training data and its figures.",
+    no_args_is_help=True,
+)
+
+
 def register(app: typer.Typer) -> None:
     """Add chat's subcommands to the root app."""
     app.command("chat")(chat_command)
+    app.add_typer(bot_app, name="bot")
+
+
+@bot_app.command("data")
+@cli_errors
+def bot_data_command(
+    output: Annotated[
+        Path, typer.Option(help="JSONL of chat rows for `genai-lab finetune`.")
+    ] = Path("runs/bot/train.jsonl"),
+    model: Annotated[str, typer.Option(help="Whose tokenizer and context shape the prompt.")] = (
+        "smollm2-135m-instruct"
+    ),
+) -> None:
+    """Write the adapter's training rows: the bot's own grounded prompt -> the answer."""
+    from chat.bot import write_training_data  # (deferred: loads the model's tokenizer)
+
+    _quiet_libraries()
+    typer.echo(f"{write_training_data(output, model)} rows -> {output}")
+
+
+@bot_app.command("ship")
+@cli_errors
+def bot_ship_command(
+    run: Annotated[
+        Path, typer.Option(help="A `genai-lab finetune` output folder (with adapter/).")
+    ] = Path("runs/bot/finetune"),
+) -> None:
+    """Copy a trained adapter (and its training report) to core/pretrained/smollm2-tutor-lora,
+    where the name smollm2-tutor finds it."""
+    from chat.bot import ship_adapter
+
+    typer.echo(f"shipped {ship_adapter(run)}")
+
+
+@bot_app.command("eval")
+@cli_errors
+def bot_eval_command(
+    output: Annotated[
+        Path | None, typer.Option(help="Write the figures and every answer as JSON.")
+    ] = None,
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these setups (by number, 1-4; default: all)."),
+    ] = None,
+    every: Annotated[
+        int, typer.Option(min=1, help="Use every N-th held-out question (a quick subset).")
+    ] = 1,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit, in tokens.")] = 48,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update", help="Keep the other setups already in --output (re-measure some)."
+        ),
+    ] = False,
+    rescore: Annotated[
+        bool,
+        typer.Option(
+            "--rescore", help="Only score the answers saved in --output again (no generation)."
+        ),
+    ] = False,
+) -> None:
+    """Measure the bot on the held-out questions (never trained on): right concept, other
+    concept, abstentions, for the tutor, SmolLM2 plain, SmolLM2 + notes and + our adapter."""
+    import json
+
+    from chat.bot import HELDOUT_FILE, SETUPS, evaluate_setup, read_questions, table
+    from chat.bot import rescore as rescore_answers
+    from chat.retrieval import ConceptRetriever
+
+    _quiet_libraries()
+    rows = read_questions(HELDOUT_FILE)[::every]
+    chosen = [SETUPS[int(i) - 1] for i in setup] if setup else SETUPS
+    retriever = ConceptRetriever()
+    results = {}
+    if (update or rescore) and output is not None and output.is_file():
+        results = json.loads(output.read_text(encoding="utf-8"))
+    if rescore:
+        results = {name: rescore_answers(r, retriever) for name, r in results.items()}
+        chosen = []
+    for s in chosen:
+        typer.echo(f"{s.name}: {len(rows)} questions ...", err=True)
+        results[s.name] = evaluate_setup(s, rows, retriever, max_tokens, echo=typer.echo)
+    order = [s.name for s in SETUPS]  # the table lists the setups in their fixed order
+    results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0])))
+    typer.echo(table(results))
+    if output:
+        from core.atomic import write_text_atomic
+
+        write_text_atomic(output, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
 
 
 @cli_errors
 def chat_command(
     model: Annotated[
-        str,
-        typer.Option(help="tutor, tutor-sft, tutor-base, PATH, PATH+ADAPTER or provider:model."),
-    ] = "tutor",
+        str | None,
+        typer.Option(
+            help="smollm2-tutor (the demo bot, default), smollm2-135m-instruct, tutor (from "
+            "scratch, reads 128 tokens), tutor-sft, PATH, PATH+ADAPTER or provider:model."
+        ),
+    ] = None,
     system: Annotated[
-        str | None, typer.Option(help="System prompt ('' for none; default: the tutor's own).")
+        str | None,
+        typer.Option(
+            help="System prompt ('' for none; default: the one the model was trained with)."
+        ),
     ] = None,
     thread: Annotated[str, typer.Option(help="Conversation id: same id, same memory.")] = "default",
     db: Annotated[
@@ -46,6 +147,14 @@ def chat_command(
     no_retrieval: Annotated[
         bool, typer.Option("--no-retrieval", help="Don't look up the dashboard's concept notes.")
     ] = False,
+    abstain: Annotated[
+        bool,
+        typer.Option(
+            "--abstain/--no-abstain",
+            help="Decline questions no concept note is close to, instead of letting the model "
+            "guess (with retrieval on).",
+        ),
+    ] = True,
     grounding: Annotated[
         str,
         typer.Option(
@@ -63,9 +172,9 @@ def chat_command(
     """Chat with the tutor (or any model) in the terminal; conversations are saved per thread."""
     # Deferred: LangChain, LangGraph and torch take seconds to import, and every `genai-lab`
     # subcommand (and --help) registers this module at start-up.
-    from chat.chain import DEFAULT_SYSTEM_PROMPT, notes_in_prompt
+    from chat.chain import default_system_prompt, notes_in_prompt
     from chat.memory import ChatStore, default_db_path
-    from chat.models import Sampling
+    from chat.models import Sampling, default_chat_model
     from chat.session import ChatSession
 
     notes_in_prompt(grounding, 0)  # an unknown mode fails before anything loads
@@ -79,13 +188,15 @@ def chat_command(
         raise ValueError("empty message: --once needs some text")
     _quiet_libraries()
     sampling = Sampling(temperature, top_k, top_p, max_tokens, seed)
+    model = model or default_chat_model()
     session = ChatSession(
         store,
         _load(model, sampling),
         thread_id=thread,
-        system_prompt=DEFAULT_SYSTEM_PROMPT if system is None else system,
+        system_prompt=default_system_prompt(model) if system is None else system,
         retriever=None if no_retrieval else _retriever(),
         grounding=grounding,
+        abstain=abstain,
     )
     if once is not None:
         result = _answer(session, once)

@@ -24,7 +24,13 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.runtime import Runtime
 
-from chat.chain import DEFAULT_SYSTEM_PROMPT, answer_budget, build_chain, notes_in_prompt
+from chat.chain import (
+    ABSTAIN_ANSWER,
+    DEFAULT_SYSTEM_PROMPT,
+    answer_budget,
+    build_chain,
+    notes_in_prompt,
+)
 
 if TYPE_CHECKING:  # type hints only: reading a conversation needs no model (nor torch)
     from chat.models import ChatBackend
@@ -69,6 +75,7 @@ class ChatState(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]  # the conversation
     question: str  # this turn's message, moved into `messages` by respond
     passages: list[dict]  # this turn's retrieved notes
+    nearest: dict | None  # set when no note is close enough and the bot abstains: the closest
 
 
 @dataclass
@@ -81,17 +88,41 @@ class TurnContext:
     grounding: str = "auto"  # where the retrieved notes go: auto, prompt or cite (chat.chain)
     inspect_tokens: bool = False
     stop: threading.Event | None = None  # set it to end the answer early (Ctrl-C)
+    abstain: bool = False  # no note close enough: say so instead of asking the model
 
 
 def retrieve(state: ChatState, runtime: Runtime[TurnContext]) -> dict:
+    """The notes for this turn. A short follow-up ("and why?") is searched again together with
+    the previous question when it finds nothing alone."""
     retriever = runtime.context.retriever
-    docs = retriever.search(state["question"]) if retriever is not None else []
-    return {"passages": [{"text": d.page_content, **d.metadata} for d in docs]}
+    if retriever is None:
+        return {"passages": [], "nearest": None}
+    question = state["question"]
+    docs = retriever.search(question)
+    earlier = [m.text for m in state.get("messages") or [] if isinstance(m, HumanMessage)]
+    if not docs and earlier:
+        docs = retriever.search(f"{earlier[-1]}\n{question}")
+    nearest = None
+    if not docs and runtime.context.abstain:
+        nearest = retriever.nearest(question).metadata
+    return {"passages": [{"text": d.page_content, **d.metadata} for d in docs], "nearest": nearest}
+
+
+def abstention(nearest: dict) -> str:
+    """The refusal, pointing to the closest page the lab has."""
+    title, page = nearest.get("title", ""), nearest.get("page", "")
+    return f"{ABSTAIN_ANSWER} The closest topic I know is {title} (dashboard page: {page})."
 
 
 def respond(state: ChatState, runtime: Runtime[TurnContext]) -> dict:
     ctx = runtime.context
     backend = ctx.backend
+    if state.get("nearest"):  # nothing the notes cover: no model call, no made-up answer
+        reply = AIMessage(
+            content=abstention(state["nearest"]),
+            response_metadata={"abstained": True, "sources": [], "model": backend.spec},
+        )
+        return {"messages": [HumanMessage(state["question"]), reply]}
     model = backend.chat_model
     if ctx.inspect_tokens and backend.token_inspector:
         model = model.bind(top_alternatives=TOKEN_ALTERNATIVES)

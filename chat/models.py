@@ -28,7 +28,15 @@ from langchain_core.messages import BaseMessage
 from langchain_core.messages.utils import count_tokens_approximately
 
 from chat.local_model import ChatLocalModel, context_window
-from core.models import SPEC_HELP, ModelSpec, ModelSpecError, resolve
+from core.models import (
+    BOT_ADAPTER,
+    BOT_MODEL,
+    SPEC_HELP,
+    ModelSpec,
+    ModelSpecError,
+    is_adapter_folder,
+    resolve,
+)
 from core.sampling import filter_logits
 
 __all__ = ["SPEC_HELP", "ChatBackend", "ModelSpecError", "Sampling", "load_chat_model"]
@@ -79,6 +87,12 @@ class ChatBackend:
     def token_inspector(self) -> bool:
         """Whether answers can carry each token's top alternatives (every local model)."""
         return self.kind != "provider"
+
+
+def default_chat_model() -> str:
+    """The best measured bot (README, `genai-lab bot eval`): SmolLM2 + notes + our adapter when
+    the adapter is shipped, else the from-scratch tutor."""
+    return BOT_MODEL if is_adapter_folder(BOT_ADAPTER) else "tutor"
 
 
 def load_chat_model(spec: str, sampling: Sampling | None = None) -> ChatBackend:

@@ -48,6 +48,7 @@ class ChatSession:
         retriever: ConceptRetriever | None = None,
         grounding: str = "auto",
         inspect_tokens: bool = False,
+        abstain: bool = False,
     ) -> None:
         if not thread_id.strip():
             raise ValueError("the thread id is empty")
@@ -57,6 +58,7 @@ class ChatSession:
         notes_in_prompt(grounding, backend.context_window)  # validates the mode now
         self.grounding = grounding
         self.inspect_tokens = inspect_tokens
+        self.abstain = abstain  # with a retriever: decline questions no note is close to
 
     def history(self) -> list[AnyMessage]:
         return self.store.messages(self.thread_id)
@@ -77,6 +79,7 @@ class ChatSession:
             grounding=self.grounding,
             inspect_tokens=self.inspect_tokens,
             stop=stop,
+            abstain=self.abstain,
         )
         config = thread_config(self.thread_id)
         before = len(self.history())

@@ -25,21 +25,28 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core.atomic import atomic_directory, write_text_atomic
+from core.chat_format import stop_ids
+from core.embedded import EMBEDDED_MODELS, embedded_folder
 from core.model import GPT, GPTConfig, rotary_tables
 from core.tokenizer import load_tokenizer
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 # Shipped models by name, most-trained first: "tutor" means the furthest stage that is shipped.
 SHIPPED_MODELS = ("tutor-rlhf", "tutor-sft", "tutor-base")
-SHIPPED_NAMES = ("tutor", *SHIPPED_MODELS)
-CHAT_TUNED = ("tutor", "tutor-sft", "tutor-rlhf")  # shipped names that answer questions
+# A real instruction model, carried by a PyPI package as GGUF and converted on first use, and the
+# demo bot: that model with our LoRA adapter (`make bot` rebuilds it).
+FOUNDATION_MODEL = "smollm2-135m-instruct"
+BOT_MODEL = "smollm2-tutor"
+BOT_ADAPTER = PRETRAINED_DIR / "smollm2-tutor-lora"
+SHIPPED_NAMES = ("tutor", *SHIPPED_MODELS, *EMBEDDED_MODELS)
+CHAT_TUNED = ("tutor", "tutor-sft", "tutor-rlhf", *EMBEDDED_MODELS, BOT_MODEL)
 SUPPORTED_MODEL_TYPES = ("llama",)
 _ROPE_OK = (None, "default")
 ADAPTER_CONFIG = "adapter_config.json"  # peft's
 ADAPTER_META = "finetune.json"  # ours: base model, method, quantization of the base
 SPEC_HELP = (
-    "tutor, tutor-sft, tutor-base, a folder, an adapter folder, BASE+ADAPTER, "
-    "a hub id (owner/name) or provider:model"
+    "tutor, tutor-sft, tutor-base, smollm2-135m-instruct, smollm2-tutor, a folder, an adapter "
+    "folder, BASE+ADAPTER, a hub id (owner/name) or provider:model"
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROVIDER = re.compile(r"^[A-Za-z][\w-]*:(?![/\\])")  # provider:model (not C:\ or a URL)
@@ -97,7 +104,10 @@ class ModelSpec:
 
 
 def shipped_folder(name: str) -> Path:
-    """The folder of a shipped name; "tutor" is the most-trained stage that is shipped."""
+    """The folder of a shipped name; "tutor" is the most-trained stage that is shipped; an
+    embedded model's converted folder (converted on first use)."""
+    if name in EMBEDDED_MODELS:
+        return embedded_folder(name)
     if name == "tutor":
         for candidate in SHIPPED_MODELS:
             if (PRETRAINED_DIR / candidate / "config.json").is_file():
@@ -158,9 +168,16 @@ def resolve(spec: str | Path, adapter: str | Path | None = None) -> ModelSpec:
         return ModelSpec(str(spec or adapter), base.source, str(adapter_dir), base.shipped)
     if not text:
         raise ModelSpecError(f"empty model spec (expected {SPEC_HELP})")
+    if text == BOT_MODEL:
+        if not is_adapter_folder(BOT_ADAPTER):
+            raise ModelSpecError(
+                f"{BOT_MODEL}: its adapter is not in {BOT_ADAPTER} (run `make bot`)"
+            )
+        return replace(resolve(FOUNDATION_MODEL, adapter=BOT_ADAPTER), spec=text, shipped=text)
     if text in SHIPPED_NAMES:
         folder = shipped_folder(text)
-        return ModelSpec(text, str(folder), shipped=folder.name, core=True)
+        shipped = text if text in EMBEDDED_MODELS else folder.name
+        return ModelSpec(text, str(folder), shipped=shipped, core=True)
     path = Path(text).expanduser()
     if path.is_dir():
         if is_adapter_folder(path):
@@ -379,9 +396,12 @@ def write_model_files(model: GPT, folder: Path, tokenizer=None, dtype: torch.dty
     hf = config_to_hf(model.config)
     hf["dtype"] = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    # With its tokenizer, a chat model's folder lists the end of a turn (<|end|>) as an end too,
+    # so plain transformers `generate` stops after the answer instead of running into filler.
+    eos = stop_ids(tokenizer, model.config) if tokenizer is not None else model.config.eos_token_id
     gen = {
         "bos_token_id": model.config.bos_token_id,
-        "eos_token_id": model.config.eos_token_id,
+        "eos_token_id": eos,
         "pad_token_id": model.config.pad_token_id,
     }
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -16,11 +16,11 @@ import torch
 import typer
 
 import chat.session  # noqa: F401  (import the package before AppTest puts pages/ first on sys.path)
-from chat.chain import DEFAULT_SYSTEM_PROMPT
+from chat.chain import default_system_prompt
 from chat.cli import register
 from chat.local_model import load_local_model
 from chat.memory import ChatStore
-from chat.models import Sampling, load_chat_model
+from chat.models import Sampling, default_chat_model, load_chat_model
 from core import save_model
 from core.chat_format import stop_ids
 from core.model import GPT, GPTConfig
@@ -98,8 +98,9 @@ def test_repl_commands_and_bad_input_through_stdin(tmp_path):
         "this is never read",
     ]
     proc = genai_lab_chat(
-        "--db", str(db), "--thread", "r", "--no-retrieval", stdin="\n".join(lines) + "\n"
-    )
+        "--db", str(db), "--thread", "r", "--no-retrieval", "--model", "tutor",
+        stdin="\n".join(lines) + "\n",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -232,7 +233,7 @@ def test_dashboard_chat_page_answers_cites_and_remembers(tmp_path, monkeypatch):
     page = str(ROOT / "dashboard" / "views" / "chat.py")
     at = AppTest.from_file(page, default_timeout=60).run()
     assert not at.exception
-    assert at.text_area[0].value == DEFAULT_SYSTEM_PROMPT
+    assert at.text_area[0].value == default_system_prompt(default_chat_model())
     assert not at.chat_message  # a new conversation
     at.chat_input[0].set_value("What is a token?").run()
     assert not at.exception

@@ -278,3 +278,19 @@ def test_picking_a_corpus_prompt_fills_the_prompt_and_shows_the_truth():
     assert not at.exception
     assert at.text_area(key="nt_prompt").value == preset
     assert any(m.label == "KL(true ‖ model)" for m in at.metric)
+
+
+@pytest.mark.slow
+def test_page_switches_to_the_real_model():
+    """The same controls on SmolLM2-135M-Instruct: its 49,152-token vocabulary, no corpus
+    truth (only tutor-base learnt the bundled corpus), step-by-step generation."""
+    at = _page()
+    at.radio(key="nt_model").set_value("smollm2-135m-instruct").run()
+    assert not at.exception
+    assert "of 49,152" in at.metric[0].value
+    assert not any(m.label == "KL(true ‖ model)" for m in at.metric)
+    assert any("only tutor-base was trained on" in c.value for c in at.caption)
+    top = at.dataframe[0].value["token"].tolist()[0]
+    at.button(key="nt_next").click().run()
+    assert not at.exception and any("Step 1 of" in c.value for c in at.caption)
+    assert isinstance(top, str) and top

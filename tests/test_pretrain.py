@@ -197,3 +197,16 @@ def test_existing_run_needs_resume_flag(tmp_path):
     pretrain(cfg, tmp_path / "run", progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         pretrain(cfg, tmp_path / "run", progress=False)
+
+
+def test_set_options_survive_unset_flags_and_given_flags_win():
+    """`--set max_steps=2` is not overwritten by the unset --max-steps flag (it used to be)."""
+    from core.commands.training import _overrides
+
+    assert _overrides(["max_steps=2", "seed=99"], max_steps=None, seed=None) == {
+        "max_steps": "2",
+        "seed": "99",
+    }
+    assert _overrides(["max_steps=2"], max_steps=7)["max_steps"] == 7
+    cfg = load_config(PretrainConfig, None, _overrides(["max_steps=2", "learning_rate=0.5"]))
+    assert cfg.max_steps == 2 and cfg.learning_rate == 0.5

@@ -54,7 +54,6 @@ def _overrides(set_: list[str] | None, **flags) -> dict:
 
 
 @cli_errors
-@cli_errors
 def pretrain_command(
     config: Annotated[
         Path | None, typer.Option(help="YAML config (default: the tutor-base recipe).")

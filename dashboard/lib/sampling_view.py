@@ -89,16 +89,20 @@ class Prompt:
         return "Long prompt: " + " and ".join(parts) + "."
 
 
-def fit_document_prompt(tokenizer, text: str, max_tokens: int) -> Prompt:
-    """Tokenize a prompt the way documents looked in training (after <|endoftext|>) and keep at
-    most ``max_tokens``, the most recent ones, as generation would."""
+def fit_document_prompt(
+    tokenizer, text: str, max_tokens: int, document_start: bool = True
+) -> Prompt:
+    """Tokenize a prompt the way documents looked in training (after <|endoftext|>, for the
+    tutor; `document_start=False` for models whose BOS marks something else, such as a chat
+    turn) and keep at most ``max_tokens``, the most recent ones, as generation would."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     cut_chars = max(0, len(text) - MAX_PROMPT_CHARS)
     text = text[cut_chars:]
     body = tokenizer.encode(text, add_special_tokens=False)
     # After a character cut the text no longer starts a document: no <|endoftext|> before it.
-    ids = body if cut_chars else encode_prompt(tokenizer, text, chat=False)
+    start = not cut_chars and document_start
+    ids = encode_prompt(tokenizer, text, chat=False) if start else body
     cut_tokens = max(0, len(ids) - max_tokens)
     return Prompt(ids[cut_tokens:], len(body), cut_chars, cut_tokens)
 

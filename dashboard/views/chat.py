@@ -5,12 +5,22 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from chat.chain import DEFAULT_SYSTEM_PROMPT
+from chat.chain import default_system_prompt
 from chat.memory import ChatStore, default_db_path
-from chat.models import Sampling, load_chat_model
+from chat.models import Sampling, default_chat_model, load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession, TurnResult
-from core.models import PRETRAINED_DIR, SHIPPED_MODELS
+from core.models import BOT_MODEL, FOUNDATION_MODEL, PRETRAINED_DIR, SHIPPED_MODELS
+
+# What the model picker says about each shipped name.
+MODEL_LABELS = {
+    BOT_MODEL: "smollm2-tutor: the demo bot (SmolLM2 + notes + our adapter)",
+    FOUNDATION_MODEL: "smollm2-135m-instruct: SmolLM2 as it comes",
+    "tutor": "tutor: ours from scratch, most-trained stage (reads 128 tokens)",
+    "tutor-rlhf": "tutor-rlhf: after RLHF (reads 128 tokens)",
+    "tutor-sft": "tutor-sft: after SFT (reads 128 tokens)",
+    "tutor-base": "tutor-base: pre-trained only, not a chat model (continues text)",
+}
 
 
 @st.cache_resource(show_spinner="Loading the model ...")
@@ -89,10 +99,18 @@ st.markdown(
     "answering, the question is embedded with MiniLM and the closest concept notes from this "
     "dashboard are looked up; the answer cites the pages they come from."
 )
-shipped = ["tutor", *(n for n in SHIPPED_MODELS if (PRETRAINED_DIR / n).is_dir())]
+shipped = [default_chat_model(), FOUNDATION_MODEL, "tutor"]
+shipped += [n for n in SHIPPED_MODELS if (PRETRAINED_DIR / n).is_dir()]
+shipped = list(dict.fromkeys(shipped))  # the default first, each once
 with st.sidebar:
     st.subheader("Chat settings")
-    spec = st.selectbox("Model", shipped, help="tutor = the most-trained shipped stage")
+    spec = st.selectbox(
+        "Model",
+        shipped,
+        format_func=lambda name: MODEL_LABELS.get(name, name),
+        help="The demo bot answered the held-out questions best (README); the tutor is the "
+        "from-scratch model of the training-stages page.",
+    )
     other = st.text_input("… or a model spec", help="PATH, PATH+ADAPTER or provider:model")
     thread = st.text_input("Conversation id", value="dashboard").strip() or "dashboard"
     temperature = st.slider("Temperature", 0.0, 1.5, 0.7, 0.05, help="0 = always the top token")
@@ -104,18 +122,22 @@ with st.sidebar:
         "them, or auto (prompt for models that read 512+ tokens; the 128-token tutor was not "
         "trained with notes and answers better without them).",
     )
-    inspect = st.toggle("Token inspector", value=True, help="Our own models only")
-    system = st.text_area("System prompt", value=DEFAULT_SYSTEM_PROMPT, height=80)
+    inspect = st.toggle("Token inspector", value=True, help="Local models only")
+    chosen = other.strip() or spec
+    system = st.text_area(
+        "System prompt", value=default_system_prompt(chosen), height=80, key=f"system-{chosen}"
+    )
 
 try:
     session = ChatSession(
         store(str(default_db_path())),
-        backend(other.strip() or spec, temperature, None, None),
+        backend(chosen, temperature, None, None),
         thread_id=thread,
         system_prompt=system,
         retriever=None if notes == "off" else retriever(),
         grounding="auto" if notes == "off" else notes,
         inspect_tokens=inspect,
+        abstain=notes != "off",
     )
     messages = session.history()
 except ValueError as e:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.chat_format import stop_ids
 from core.content import corpus
 from core.generate import stream_steps
+from core.models import FOUNDATION_MODEL
 from core.sampling import entropy, sample_many, sampling_stages
 from dashboard.lib.sampling_view import (
     MAX_PROMPT_CHARS,
@@ -26,8 +28,14 @@ from dashboard.lib.sampling_view import (
 )
 from dashboard.resources import tutor
 
-MODEL = "tutor-base"  # the base model: trained on the bundled corpus only, so the truth applies
+# Our base model (trained on the bundled corpus only, so the corpus truth applies to it) and a real
+# one: the embedded SmolLM2-135M-Instruct, run by the same code (core's GPT loads it).
+MODELS = {
+    "tutor-base": "tutor-base (ours, 1.9M parameters, trained on the bundled corpus)",
+    FOUNDATION_MODEL: "SmolLM2-135M-Instruct (a real model, 135M parameters, 49,152 tokens)",
+}
 TOP_N = 20
+MAX_PROMPT_TOKENS = 1024  # the real model reads 8,192; more than this only slows the page
 N_SAMPLES = 100
 MAX_STEPS = 40
 CUSTOM = "(your own text)"
@@ -35,16 +43,22 @@ CUSTOM = "(your own text)"
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def truth_comparison(prefix: str):
-    model, tokenizer = tutor(MODEL)
+    model, tokenizer = tutor("tutor-base")
     truth = true_next_words(prefix)
     return None if truth is None else compare_with_truth(model, tokenizer, prefix, truth)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def generation(
-    ids: tuple[int, ...], temperature: float, top_k: int, top_p: float, seed: int, budget: int
+    name: str,
+    ids: tuple[int, ...],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    budget: int,
 ):
-    model, tokenizer = tutor(MODEL)
+    model, tokenizer = tutor(name)
     steps = stream_steps(
         model,
         list(ids),
@@ -53,7 +67,7 @@ def generation(
         top_k=top_k or None,
         top_p=top_p,
         seed=seed,
-        stop_ids=[tokenizer.eos_token_id],
+        stop_ids=stop_ids(tokenizer, model.config),
     )
     return list(steps)
 
@@ -76,11 +90,15 @@ st.markdown(
     "vocabulary a score (a *logit*); the softmax turns the scores into probabilities that sum "
     "to 1. Generating text means picking one token from that distribution, appending it, and "
     "asking again. How the pick is made is up to us: that is what temperature, top-k and "
-    "top-p control. Here it all runs on the project's own base model, `tutor-base`."
+    "top-p control. It all runs on the project's own base model, `tutor-base`, or on a real "
+    "instruction model, SmolLM2-135M-Instruct, through the very same code."
 )
 
-model, tokenizer = tutor(MODEL)
-context = model.config.max_position_embeddings
+model_name = st.radio(
+    "Model", list(MODELS), format_func=MODELS.get, horizontal=True, key="nt_model"
+)
+model, tokenizer = tutor(model_name)
+context = min(model.config.max_position_embeddings, MAX_PROMPT_TOKENS)
 
 st.session_state.setdefault("nt_prompt", "The cat sat on the")
 presets = corpus.preset_prefixes()
@@ -134,7 +152,9 @@ if not text.strip():
         "document (right after the <|endoftext|> token). Type a prompt to see its next token."
     )
 
-prompt = fit_document_prompt(tokenizer, text, max_tokens=context)
+prompt = fit_document_prompt(
+    tokenizer, text, max_tokens=context, document_start=model_name == "tutor-base"
+)
 if prompt.message:
     st.warning(prompt.message)
 
@@ -184,8 +204,15 @@ st.dataframe(
 
 # --- the truth --------------------------------------------------------------------------------
 st.subheader("The model against the truth")
-comparison = truth_comparison(text) if len(text) <= MAX_PROMPT_CHARS else None
-if comparison is None:
+comparison = None
+if model_name == "tutor-base" and len(text) <= MAX_PROMPT_CHARS:
+    comparison = truth_comparison(text)
+if model_name != "tutor-base":
+    st.caption(
+        "The true next-word distribution is known only for the bundled corpus, which only "
+        "tutor-base was trained on: switch the model to tutor-base to compare with the truth."
+    )
+elif comparison is None:
     st.caption(
         "The bundled corpus cannot produce this prompt, so its true next-word distribution is "
         "unknown. Pick one of the corpus prompts above to compare the model with the truth."
@@ -218,7 +245,7 @@ seed_col, b1, b2, b3 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
 gen_seed = seed_col.number_input("Seed", value=0, step=1, key="nt_gen_seed")
 gen_ids = prompt.ids[-(context - 1) :]  # leave room for at least one new token
 budget = min(MAX_STEPS, context - len(gen_ids))
-settings = (tuple(gen_ids), temperature, top_k, top_p, int(gen_seed), budget)
+settings = (model_name, tuple(gen_ids), temperature, top_k, top_p, int(gen_seed), budget)
 if st.session_state.get("nt_steps_for") != settings:
     st.session_state["nt_steps_for"] = settings
     st.session_state["nt_shown"] = 0
@@ -253,6 +280,6 @@ else:
     st.dataframe(step_table(tokenizer, step), hide_index=True, key="nt_step_table")
 if shown == len(steps) and shown > 0:
     if len(steps) < budget:
-        st.caption("The model ended the document here (it sampled <|endoftext|>).")
+        st.caption("The model ended the text here (it sampled its end-of-text token).")
     else:
         st.caption(f"Stopped after {len(steps)} tokens (the most this page generates).")
