@@ -86,7 +86,8 @@ def test_training_rows_are_the_bots_own_prompt_with_notes(retriever):
     system, user, answer = out[0]["messages"]
     assert system["role"] == "system" and system["content"].startswith(BOT_SYSTEM_PROMPT)
     assert "Notes:\n[" in system["content"] and "Top-p" in system["content"]
-    assert user["content"] == rows[0]["question"] and answer["content"] == rows[0]["answer"]
+    assert user["content"] == rows[0]["question"]
+    assert answer["content"] == "Top-p (nucleus) sampling: " + rows[0]["answer"]  # names it first
     assert out[1]["messages"][-1]["content"] == ABSTAIN_ANSWER  # out of scope: the refusal
 
 
@@ -182,11 +183,15 @@ def test_our_gpt_runs_smollm2_exactly_like_transformers():
     with torch.no_grad():
         diff = (ours(window) - reference(window).logits).abs().max().item()
     assert diff <= 1e-3
+    # Greedy text: every one of our 50 tokens (generated through our KV cache) is the token
+    # transformers' model ranks first at that point. (transformers' own cached `generate` parts
+    # from this at token 28 on this prompt: its cache path drifts from its full forward pass,
+    # whose logits equal ours exactly.)
     greedy = generate(ours, ids, max_new_tokens=50, temperature=0, stop_ids=[])
-    expected = reference.generate(
-        torch.tensor([ids]), max_new_tokens=50, do_sample=False, eos_token_id=None
-    )[0, len(ids) :].tolist()
-    assert greedy == expected and len(greedy) == 50
+    assert len(greedy) == 50
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids + greedy[:-1]])).logits[0, len(ids) - 1 :]
+    assert logits.argmax(-1).tolist() == greedy
     assert stop_ids(tokenizer, reference.generation_config) == [2]  # <|im_end|>
 
 
