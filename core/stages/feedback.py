@@ -9,19 +9,38 @@ model (Bradley-Terry) and DPO learn from: this is how InstructGPT used its label
     store.preference_pairs()   # 3 pairs: (0 > 2), (0 > 1), (2 > 1)
     retrain(store, "runs/feedback")  # reward model + DPO policy on those pairs
 
-The dashboard's human-feedback lab calls this module.
+Everything is checked at the door (`check_comparison`), so one bad call cannot poison the store;
+rows that an older version wrote badly are skipped on reading (`FeedbackStore.skipped`), never a
+crash. SQLite problems become one-line `FeedbackStoreError`s naming the file. The dashboard's
+human-feedback lab calls this module.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import numbers
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from core.atomic import write_text_atomic
 from core.stages.reward import RewardConfig, train_reward_model
 from core.stages.rlhf import RLHFConfig, rlhf
+
+log = logging.getLogger(__name__)
+
+# Limits on one comparison. The lab stores 2-3 tutor answers of at most 60 tokens (a few hundred
+# characters) to a question that fits a 128-token context; these leave room for bigger models and
+# hand-written rows while keeping one row under ~40 KB, so a paste accident cannot bloat the file.
+MIN_RESPONSES = 2  # a ranking needs at least two things to compare
+MAX_RESPONSES = 9  # InstructGPT's labellers ranked 4 to 9; 9 gives 36 pairs
+MAX_PROMPT_CHARS = 2_000
+MAX_RESPONSE_CHARS = 4_000
+BUSY_TIMEOUT_S = 5.0  # how long to wait for another process's write lock before saying "busy"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
@@ -32,6 +51,15 @@ CREATE TABLE IF NOT EXISTS comparisons (
     created_at TEXT NOT NULL  -- ISO 8601, UTC
 )
 """
+
+
+class FeedbackStoreError(ValueError):
+    """The SQLite file cannot be used (one line naming the file); a ValueError like the
+    validation errors, so callers catching ValueError see both."""
+
+
+class FeedbackStoreBusyError(FeedbackStoreError):
+    """Another process holds the store's write lock: retrying later will work."""
 
 
 @dataclass(frozen=True)
@@ -52,48 +80,178 @@ class Comparison:
         ]
 
 
-def check_comparison(prompt: str, responses: list[str], ranking: list[int]) -> None:
-    """ValueError naming what is wrong with a comparison (before anything is stored)."""
-    if not isinstance(prompt, str) or not prompt.strip():
+def _kind(value: object) -> str:
+    return type(value).__name__
+
+
+def _check_ranking(ranking: object, n: int) -> list[int]:
+    """The ranking as plain ints; ValueError unless it is a permutation of range(n)."""
+    # Only real sequences: an iterator would be used up by the check and stored as [].
+    if not isinstance(ranking, list | tuple):
+        raise ValueError(f"ranking: expected a list of response indices, got {_kind(ranking)}")
+    for i, k in enumerate(ranking):
+        # bool is an int subclass and 1.0 == 1, but neither indexes a list when pairs are read.
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise ValueError(f"ranking[{i}]: expected an int response index, got {k!r}")
+    order = [int(k) for k in ranking]
+    if sorted(order) != list(range(n)):
+        raise ValueError(
+            f"ranking: {order} must list each of the {n} response indices "
+            f"0..{n - 1} exactly once, best first"
+        )
+    return order
+
+
+def check_comparison(prompt: str, responses: list[str], ranking: list[int]) -> list[int]:
+    """ValueError naming the field and the limit when a comparison is malformed (before anything
+    is stored); returns the ranking as plain ints."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt: expected text, got {_kind(prompt)}")
+    if not prompt.strip():
         raise ValueError("prompt: empty")
-    if len(responses) < 2:
-        raise ValueError(f"responses: need at least 2 to compare, got {len(responses)}")
-    for i, r in enumerate(responses):
-        if not isinstance(r, str) or not r.strip():
-            raise ValueError(f"responses[{i}]: empty response")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt: {len(prompt):,} characters, at most {MAX_PROMPT_CHARS:,}")
+    # A str is a sequence too: "ab" would be stored as two one-letter responses.
+    if not isinstance(responses, list | tuple):
+        raise ValueError(f"responses: expected a list of strings, got {_kind(responses)}")
+    if len(responses) < MIN_RESPONSES:
+        raise ValueError(
+            f"responses: need at least {MIN_RESPONSES} to compare, got {len(responses)}"
+        )
+    if len(responses) > MAX_RESPONSES:
+        raise ValueError(f"responses: {len(responses)} given, at most {MAX_RESPONSES}")
     seen: dict[str, int] = {}
     for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise ValueError(f"responses[{i}]: expected text, got {_kind(r)}")
+        if not r.strip():
+            raise ValueError(f"responses[{i}]: empty response")
+        if len(r) > MAX_RESPONSE_CHARS:
+            raise ValueError(
+                f"responses[{i}]: {len(r):,} characters, at most {MAX_RESPONSE_CHARS:,}"
+            )
         if r.strip() in seen:
             raise ValueError(f"responses[{i}]: identical to responses[{seen[r.strip()]}]")
         seen[r.strip()] = i
-    if sorted(ranking) != list(range(len(responses))):
-        raise ValueError(
-            f"ranking: {ranking} must list each of the {len(responses)} response indices "
-            f"0..{len(responses) - 1} exactly once, best first"
-        )
+    return _check_ranking(ranking, len(responses))
+
+
+def _decode_row(row: tuple) -> Comparison:
+    """A stored row as a Comparison; ValueError saying what is wrong with it. Only the shape that
+    `pairs()` relies on is required: rows within older, looser limits still count."""
+    cid, prompt, responses_json, ranking_json, created_at = row
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt is {_kind(prompt)}, not text")
+    try:
+        responses, ranking = json.loads(responses_json), json.loads(ranking_json)
+    except (TypeError, ValueError) as e:  # TypeError: SQLite stored a number, not JSON text
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise ValueError("responses is not a list of strings")
+    order = _check_ranking(ranking, len(responses))
+    return Comparison(int(cid), prompt, responses, order, str(created_at))
 
 
 class FeedbackStore:
-    """Ranked comparisons in one SQLite file (created if missing)."""
+    """Ranked comparisons in one SQLite file (created if missing).
 
-    def __init__(self, path: str | Path) -> None:
+    `timeout` is how long to wait for another process's lock (SQLite's busy timeout) before
+    FeedbackStoreBusyError. After each read, `skipped` lists (row id, reason) for malformed rows
+    that were left out."""
+
+    def __init__(self, path: str | Path, timeout: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout = timeout
+        self.skipped: list[tuple[int, str]] = []
         try:
-            self._db = sqlite3.connect(self.path)
-            self._db.execute(SCHEMA)
-            self._db.commit()
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"{self.path}: not a usable SQLite database ({e})") from None
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FeedbackStoreError(f"{self.path}: cannot create its folder ({e})") from e
+        self._db: sqlite3.Connection | None = None
+        db = None
+        try:
+            # Autocommit mode: writes open their own BEGIN IMMEDIATE transaction (see _write),
+            # so the duplicate check and the insert happen under one lock.
+            db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            db.execute(SCHEMA)
+        except sqlite3.Error as e:
+            if db is not None:
+                db.close()
+            raise self._error(e) from e
+        self._db = db
+
+    def _error(self, e: sqlite3.Error) -> FeedbackStoreError:
+        """One line for an SQLite error, by its result code (Python 3.11+ names it)."""
+        code = getattr(e, "sqlite_errorname", "") or ""
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(e):
+            return FeedbackStoreBusyError(
+                f"{self.path}: busy, another process holds its write lock "
+                f"(waited {self.timeout:g} s); retry in a moment"
+            )
+        if code == "SQLITE_NOTADB" or "not a database" in str(e):
+            return FeedbackStoreError(
+                f"{self.path}: this file is not an SQLite database; "
+                "move it away or use another path"
+            )
+        if code.startswith("SQLITE_CORRUPT"):
+            return FeedbackStoreError(f"{self.path}: the SQLite database is damaged ({e})")
+        return FeedbackStoreError(f"{self.path}: SQLite error: {e}")
+
+    @contextmanager
+    def _sqlite(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any error."""
+        db = self._connection()
+        with self._sqlite():
+            db.execute("BEGIN IMMEDIATE")  # take the write lock now (waits up to `timeout`)
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise FeedbackStoreError(f"{self.path}: the store is closed")
+        return self._db
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def __enter__(self) -> FeedbackStore:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _find(self, db: sqlite3.Connection, key: tuple[str, str, str]) -> int | None:
+        row = db.execute(
+            "SELECT id FROM comparisons WHERE prompt = ? AND responses = ? AND ranking = ? "
+            "ORDER BY id LIMIT 1",
+            key,
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    @staticmethod
+    def _key(prompt: str, responses: list[str], ranking: list[int]) -> tuple[str, str, str]:
+        # The exact JSON `record` writes, so a lookup matches rows stored before this check.
+        return prompt, json.dumps(list(responses)), json.dumps(ranking)
+
+    def find(self, prompt: str, responses: list[str], ranking: list[int]) -> int | None:
+        """Id of the stored comparison with exactly this prompt, responses and ranking, if any."""
+        order = check_comparison(prompt, responses, ranking)
+        with self._sqlite():
+            return self._find(self._connection(), self._key(prompt, responses, order))
 
     def record(
         self,
@@ -102,28 +260,56 @@ class FeedbackStore:
         ranking: list[int],
         created_at: datetime | None = None,
     ) -> int:
-        """Store one ranked comparison; returns its id."""
-        check_comparison(prompt, responses, ranking)
+        """Store one ranked comparison; returns its id. Saving the same comparison again stores
+        nothing and returns the first one's id (duplicates would double-count its pairs)."""
+        order = check_comparison(prompt, responses, ranking)
+        key = self._key(prompt, responses, order)
         when = (created_at or datetime.now(UTC)).isoformat()
-        with self._db:  # a transaction: committed on success, rolled back on error
-            cursor = self._db.execute(
-                "INSERT INTO comparisons (prompt, responses, ranking, created_at) VALUES (?, ?, ?, ?)",
-                (prompt, json.dumps(responses), json.dumps(list(ranking)), when),
+        with self._write() as db:
+            existing = self._find(db, key)
+            if existing is not None:
+                return existing
+            cursor = db.execute(
+                "INSERT INTO comparisons (prompt, responses, ranking, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (*key, when),
             )
         return int(cursor.lastrowid)
 
     def comparisons(self) -> list[Comparison]:
-        rows = self._db.execute(
-            "SELECT id, prompt, responses, ranking, created_at FROM comparisons ORDER BY id"
-        ).fetchall()
-        return [Comparison(i, p, json.loads(r), json.loads(k), t) for i, p, r, k, t in rows]
+        """Every well-formed stored comparison, oldest first; malformed rows (written by an
+        older version) are left out and listed in `skipped`."""
+        with self._sqlite():
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT id, prompt, responses, ranking, created_at FROM comparisons ORDER BY id"
+                )
+                .fetchall()
+            )
+        good: list[Comparison] = []
+        skipped: list[tuple[int, str]] = []
+        for row in rows:
+            try:
+                good.append(_decode_row(row))
+            except ValueError as e:
+                skipped.append((row[0], str(e)))
+        self.skipped = skipped
+        if skipped:
+            ids = ", ".join(str(i) for i, _ in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+            log.warning(
+                "%s: skipped %d malformed comparison(s) (ids %s)", self.path, len(skipped), ids
+            )
+        return good
 
     def delete(self, comparison_id: int) -> None:
-        with self._db:
-            self._db.execute("DELETE FROM comparisons WHERE id = ?", (comparison_id,))
+        with self._write() as db:
+            db.execute("DELETE FROM comparisons WHERE id = ?", (comparison_id,))
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM comparisons").fetchone()[0]
+        """Stored rows, malformed ones included."""
+        with self._sqlite():
+            return self._connection().execute("SELECT COUNT(*) FROM comparisons").fetchone()[0]
 
     def preference_pairs(self) -> list[dict]:
         """All ordered pairs implied by all rankings, as {"prompt", "chosen", "rejected"} rows."""
@@ -136,7 +322,7 @@ class FeedbackStore:
     def export_jsonl(self, path: str | Path) -> int:
         """Write the preference pairs as JSONL (the format `genai-lab reward`/`rlhf` read)."""
         pairs = self.preference_pairs()
-        Path(path).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
         return len(pairs)
 
 

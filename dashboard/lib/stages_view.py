@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.generate import answer
+from core.generate import PromptTooLongError, answer
 from core.models import PRETRAINED_DIR
+from core.stages.feedback import FeedbackStore
 
 STAGES = (
     ("tutor-base", "1. base (pre-trained)"),
@@ -81,3 +82,41 @@ def candidate_answers(model, tokenizer, question: str, n: int, seed: int) -> lis
         if len(seen) == n:
             break
     return seen
+
+
+def question_error(error: ValueError) -> str:
+    """The one line the page shows instead of a traceback when a question cannot be answered."""
+    if isinstance(error, PromptTooLongError):
+        return f"The question is too long for the tutor, shorten it: {error}."
+    return f"The tutor cannot answer this question: {error}"
+
+
+def save_ranking(db: Path, prompt: str, answers: list[str], order: list[int]) -> tuple[str, str]:
+    """Store the lab's ranking; (Streamlit message kind, one line) to show. Saving the same
+    ranking twice adds nothing (its pairs would count twice) and says so."""
+    try:
+        with FeedbackStore(db) as store:
+            existing = store.find(prompt, answers, order)
+            if existing is not None:
+                return "info", f"Already saved as comparison {existing}; nothing added."
+            store.record(prompt, answers, order)
+            return "success", f"Saved. The store now holds {len(store)} comparisons."
+    except ValueError as e:  # a malformed comparison, or FeedbackStoreError (busy, not SQLite)
+        return "error", str(e)
+
+
+def stored_pairs(db: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The store's preference pairs, and (Streamlit message kind, one line) to show with them:
+    an error when the store cannot be read, a warning when malformed rows were left out."""
+    try:
+        with FeedbackStore(db) as store:
+            pairs = store.preference_pairs()
+            skipped = store.skipped
+    except ValueError as e:  # FeedbackStoreError: the page still renders, saying why
+        return [], [("error", str(e))]
+    if not skipped:
+        return pairs, []
+    ids = ", ".join(str(i) for i, _ in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+    first = skipped[0][1]
+    message = f"{db}: left out {len(skipped)} malformed comparison(s) (ids {ids}; first: {first})."
+    return pairs, [("warning", message)]

@@ -9,7 +9,6 @@ from pathlib import Path
 import streamlit as st
 
 from core.content.concepts import concepts_for_page
-from core.stages.feedback import FeedbackStore
 from dashboard.lib.stages_view import (
     CURVES,
     answers_side_by_side,
@@ -17,8 +16,11 @@ from dashboard.lib.stages_view import (
     curve_figure,
     figures_table,
     pipeline_figures,
+    question_error,
     read_metrics,
+    save_ranking,
     shipped_stages,
+    stored_pairs,
 )
 from dashboard.resources import tutor
 
@@ -39,7 +41,12 @@ temperature = c1.slider("Temperature (0 = greedy)", 0.0, 1.5, 0.0, 0.1)
 seed = c2.number_input("Seed", 0, 10_000, 0)
 if question.strip():
     models = {label: tutor(name) for name, label in stages}
-    for label, text in answers_side_by_side(models, question, temperature, int(seed)).items():
+    try:
+        replies = answers_side_by_side(models, question, temperature, int(seed))
+    except ValueError as e:  # PromptTooLongError: the question does not fit the context
+        st.error(question_error(e))
+        replies = {}
+    for label, text in replies.items():
         st.markdown(f"**{label}:** {text or '(nothing)'}")
     st.caption(
         "The base model only continues text. SFT taught it the chat format and the answers, and "
@@ -75,7 +82,10 @@ st.markdown(
 lab_question = st.text_input("Question for ranking", "What is temperature?")
 if st.button("Sample answers") and lab_question.strip():
     model, tok = tutor("tutor")
-    st.session_state["lab"] = (lab_question, candidate_answers(model, tok, lab_question, 3, 0))
+    try:
+        st.session_state["lab"] = (lab_question, candidate_answers(model, tok, lab_question, 3, 0))
+    except ValueError as e:  # too long: the answers of the last question (if any) stay
+        st.error(question_error(e))
 if "lab" in st.session_state:
     prompt, answers = st.session_state["lab"]
     for i, text in enumerate(answers):
@@ -85,15 +95,16 @@ if "lab" in st.session_state:
         options=list(range(len(answers))),
         format_func=lambda i: f"answer {i + 1}",
     )
+    if len(answers) < 2:
+        st.info(
+            "The tutor gave fewer than two different answers to this question: try another one."
+        )
     if st.button("Save ranking", disabled=len(order) != len(answers) or len(answers) < 2):
-        with FeedbackStore(FEEDBACK_DB) as store:
-            try:
-                store.record(prompt, answers, order)
-                st.success(f"Saved. The store now holds {len(store)} comparisons.")
-            except ValueError as e:
-                st.error(str(e))
-with FeedbackStore(FEEDBACK_DB) as store:
-    pairs = store.preference_pairs()
+        kind, message = save_ranking(FEEDBACK_DB, prompt, answers, order)
+        getattr(st, kind)(message)  # st.success, st.info or st.error
+pairs, notes = stored_pairs(FEEDBACK_DB)
+for kind, message in notes:
+    getattr(st, kind)(message)  # st.error or st.warning
 st.caption(
     f"{len(pairs)} preference pairs in {FEEDBACK_DB}. Retrain with `core.stages.feedback.retrain`."
 )
