@@ -1,13 +1,68 @@
 """Writes that a kill cannot tear: a folder or a file is written under a temporary name beside
-its target and renamed into place, so readers see the old version or the new one, never half.
+its target, flushed to disk, and renamed into place, so readers see the old version or the new
+one, never half. Deletions rename first too, so a kill mid-delete never leaves a gutted folder
+under its real name; `clean_stale_temps` clears (or finishes) what a killed writer left behind.
+
+Temp names carry the writer's pid (`.NAME.tmp-PID-XXXX`, `.NAME.old-PID-XXXX`,
+`.deleting-NAME-PID-XXXX`) so a later process can tell a dead writer's leftovers from a live
+writer's work in progress.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+# A temp name without a pid comes from code before pids were embedded; its writer cannot be
+# checked, so it counts as stale only once untouched this long (no write of ours takes that long
+# without touching its folder).
+LEGACY_STALE_SECONDS = 10 * 60
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?$")
+_LEGACY_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-[a-z0-9_]{8}$")  # tempfile's 8 random chars
+_DELETING = re.compile(r"^\.deleting-.+-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
+def _suffix() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename is only durable once its folder is); a no-op where
+    folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder under `path` (deepest first), so a rename of `path` never
+    publishes names whose data is still only in the page cache."""
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
 
 
 def atomic_directory(path: Path):
@@ -22,37 +77,133 @@ class _AtomicDir:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is not
+        self.tmp = Path(
+            tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-", dir=self.path.parent)
+        )
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is not
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        fsync_tree(self.tmp)  # the contents are on disk before any name points at them
         old = None
         if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            # A folder cannot replace a non-empty folder in one rename: move the old one aside.
+            # A kill between the two renames is repaired by clean_stale_temps (same pid pairs).
+            old = self.path.with_name(f".{self.path.name}.old-{_suffix()}")
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a whole text file by temp + fsync + rename."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` for a writer that takes a file name (safetensors,
+    torch); on success it is fsynced and renamed over `path`, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report or cache is not
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a whole text file by temp + fsync + rename (+ fsync of the folder)."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def delete_directory(path: Path) -> None:
+    """Delete a folder so that no kill leaves it half-deleted under its real name: rename it to
+    `.deleting-NAME-...` first (one atomic step), then remove that."""
+    path = Path(path)
+    trash = path.with_name(f".deleting-{path.name}-{_suffix()}")
+    os.replace(path, trash)
+    fsync_dir(path.parent)  # the rename is durable before any file inside is unlinked
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True  # cannot tell (e.g. Windows): keep it
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale_temps(folder: str | Path) -> list[str]:
+    """Clear what killed writers left in `folder` (not recursive); returns what was done.
+
+    Rule for "killed": a temp name's embedded pid is not a running process on this machine
+    (a live writer's temp is never touched; a run folder is assumed not to be written from two
+    machines at once). Temp names without a pid (older code) count once untouched for
+    LEGACY_STALE_SECONDS. A dead deleter's `.deleting-*` folder is finished off.
+    A folder swap killed between its two renames (target missing, `.old-PID` and `.tmp-PID`
+    present) is finished: the temp is complete by then, so it takes the target's name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done: list[str] = []
+    entries = sorted(folder.iterdir())
+    temps: dict[tuple[str, int], dict[str, list[Path]]] = {}
+    for entry in entries:
+        if m := _DELETING.match(entry.name):
+            if not _pid_alive(int(m["pid"])):  # a live one is being deleted by its owner
+                _remove(entry)
+                done.append(f"removed {entry.name}")
+        elif m := _TEMP.match(entry.name):
+            pid = int(m["pid"])
+            if not _pid_alive(pid):
+                temps.setdefault((m["name"], pid), {"tmp": [], "old": []})[m["kind"]].append(entry)
+        elif m := _LEGACY_TMP.match(entry.name):
+            try:
+                age = time.time() - entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > LEGACY_STALE_SECONDS:
+                _remove(entry)
+                done.append(f"removed {entry.name}")
+    for (name, _pid), kinds in temps.items():
+        target = folder / name
+        tmps, olds = kinds["tmp"], kinds["old"]
+        if olds and not target.exists():
+            # Killed between "old aside" and "new in place": the one temp (if unambiguous) is
+            # the complete new version; otherwise put the old version back.
+            source = tmps[0] if len(tmps) == 1 and tmps[0].is_dir() else olds[0]
+            os.replace(source, target)
+            fsync_dir(folder)
+            done.append(f"restored {name} from {source.name}")
+        for leftover in [*tmps, *olds]:
+            if leftover.exists() or leftover.is_symlink():
+                _remove(leftover)
+                done.append(f"removed {leftover.name}")
+    return done

@@ -117,6 +117,7 @@ def run_cli(*args, **kw) -> subprocess.CompletedProcess:
         ("empty", "file is empty"),
         ("latin1", "not valid UTF-8"),
         ("typo", "unknown key 'hiden_size' (did you mean 'hidden_size'?)"),
+        ("zero", "error: eval_batches: got 0, must be >= 1"),  # names the key and the range
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path, setup, expected):
@@ -130,6 +131,8 @@ def test_bad_input_gives_one_line_error(tmp_path, setup, expected):
     elif setup == "latin1":
         (tmp_path / "l1.txt").write_bytes("café au lait".encode("latin-1"))
         args += ["--corpus", str(tmp_path / "l1.txt")]
+    elif setup == "zero":
+        args += ["--set", "eval_batches=0"]
     else:
         args += ["--set", "hiden_size=64"]
     result = run_cli(*args)

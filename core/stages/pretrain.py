@@ -5,30 +5,54 @@ One step = sample `batch_size` random windows of `seq_len + 1` tokens, predict t
 everything a run needs to continue after a crash is in the newest checkpoint, and the batch for
 step s is a pure function of (seed, s), so a resumed run sees the very same batches and
 reproduces the uninterrupted loss curve.
+
+The tokenizer and token streams are cached in the run folder, each stamped with a key of what it
+was built from (a hash of the corpus text, vocab_size, the cache format): a rerun with other data
+rebuilds them, and a `--resume` with other data is refused, instead of training on stale tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
-import os
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from core.atomic import atomic_directory, write_text_atomic
+from core.atomic import atomic_directory, atomic_file, write_text_atomic
 from core.checkpoint import latest_checkpoint
-from core.config import save_config
+from core.config import ConfigError
 from core.content import corpus as corpus_lib
 from core.evaluate import mean_loss, next_word_kl
 from core.losses import lm_loss
 from core.model import GPT, GPTConfig
 from core.models import save_model
 from core.plots import plot_loss_curve
-from core.tokenizer import encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
+from core.tokenizer import (
+    SPECIAL_TOKENS,
+    encode_documents,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
 from core.trainer import TrainConfig, clip_and_step, fit
+
+# Bump when tokenizer training or the token layout changes: old caches then rebuild.
+CACHE_FORMAT = 1
+CACHE_KEY_FILE = "cache_key.json"  # inside the cached tokenizer folder
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from every byte plus the specials
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -78,14 +102,85 @@ class PretrainConfig(TrainConfig):
         )
 
     def validate(self) -> None:
-        super().validate()
-        if self.seq_len > self.context_length:
-            raise ValueError(
-                f"seq_len ({self.seq_len}) is longer than context_length ({self.context_length})"
-            )
-        for key in ("grad_accum", "seq_len", "eval_batches"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        """Raise ConfigError `key: got X, must be ...` for the first unusable value."""
+
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: got {getattr(self, key)!r}, must be {rule}")
+
+        def finite(key: str) -> bool:
+            return math.isfinite(getattr(self, key))
+
+        need(
+            self.corpus is None or bool(str(self.corpus).strip()),
+            "corpus",
+            "a .txt/.md file or a folder of them (null: the bundled corpus)",
+        )
+        for key in (
+            "num_documents",
+            "eval_documents",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "context_length",
+            "seq_len",
+            "grad_accum",
+            "batch_size",
+            "max_steps",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "log_every",
+        ):
+            need(getattr(self, key) >= 1, key, ">= 1")
+        need(
+            self.vocab_size >= MIN_VOCAB,
+            "vocab_size",
+            f">= {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)",
+        )
+        need(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"a divisor of hidden_size ({self.hidden_size})",
+        )
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"a divisor of num_attention_heads ({self.num_attention_heads})",
+        )
+        need(
+            (self.hidden_size // self.num_attention_heads) % 2 == 0,
+            "hidden_size",
+            f"a multiple of 2 x num_attention_heads ({2 * self.num_attention_heads}): "
+            "rotary embeddings need an even head size",
+        )
+        need(
+            self.seq_len <= self.context_length,
+            "seq_len",
+            f"<= context_length ({self.context_length})",
+        )
+        need(finite("rope_theta") and self.rope_theta > 0, "rope_theta", "> 0")
+        need(finite("learning_rate") and self.learning_rate > 0, "learning_rate", "> 0")
+        need(
+            finite("min_learning_rate") and 0 <= self.min_learning_rate <= self.learning_rate,
+            "min_learning_rate",
+            f"between 0 and learning_rate ({self.learning_rate})",
+        )
+        need(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        need(finite("weight_decay") and self.weight_decay >= 0, "weight_decay", ">= 0")
+        for key in ("beta1", "beta2"):
+            need(finite(key) and 0 <= getattr(self, key) < 1, key, "in [0, 1)")
+        need(finite("grad_clip") and self.grad_clip > 0, "grad_clip", "> 0")
+        # 0 would keep every checkpoint (a full disk, not a feature): a resume needs at least one.
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
+        need(
+            self.threads is None or self.threads >= 0,
+            "threads",
+            ">= 1 (0 or null: torch's default)",
+        )
+        super().validate()  # the shared keys' own checks (nothing above should leave for them)
 
 
 def batch_for_step(
@@ -110,21 +205,136 @@ def eval_batches(
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(cfg.batch_size)]
 
 
-def prepare_data(cfg: PretrainConfig, out_dir: Path):
-    """Tokenizer + train/eval token streams, cached in out_dir so a resume reuses them exactly."""
-    tok_dir, data_file = out_dir / "tokenizer", out_dir / "tokens.safetensors"
-    if (tok_dir / "tokenizer.json").is_file() and data_file.is_file():
-        data = load_file(data_file)
-        return load_tokenizer(tok_dir), data["train"], data["eval"]
+def load_documents(cfg: PretrainConfig) -> tuple[list[str], list[str], str]:
+    """(train documents, eval documents, where they come from in words)."""
     if cfg.corpus is None:
         train_docs = corpus_lib.generate_documents(cfg.num_documents, seed=cfg.corpus_seed)
         eval_docs = corpus_lib.generate_documents(cfg.eval_documents, seed=cfg.corpus_seed + 1)
-    else:
-        docs = corpus_lib.load_text_corpus(cfg.corpus)
-        n_eval = max(1, len(docs) // 10) if len(docs) > 1 else 0
-        train_docs, eval_docs = docs[n_eval:], docs[:n_eval] or docs
+        source = (
+            f"the bundled corpus (num_documents {cfg.num_documents}, eval_documents "
+            f"{cfg.eval_documents}, corpus_seed {cfg.corpus_seed})"
+        )
+        return train_docs, eval_docs, source
+    docs = corpus_lib.load_text_corpus(cfg.corpus)
+    n_eval = max(1, len(docs) // 10) if len(docs) > 1 else 0
+    return docs[n_eval:], docs[:n_eval] or docs, str(Path(cfg.corpus).resolve())
+
+
+def data_key(cfg: PretrainConfig, train_docs: list[str], eval_docs: list[str], source: str):
+    """What the cached tokenizer and tokens are a function of: the documents' exact text (hashed,
+    so an edited file or another corpus never reuses a cache), vocab_size and the cache format.
+    `source` is for messages only: the same text under another path is the same data."""
+    digest = hashlib.sha256()
+    for split, docs in (("train", train_docs), ("eval", eval_docs)):
+        digest.update(f"{split} {len(docs)}\n".encode())
+        for doc in docs:
+            raw = doc.encode("utf-8")
+            digest.update(len(raw).to_bytes(8, "little") + raw)  # lengths: no ambiguous joins
+    return {
+        "format": CACHE_FORMAT,
+        "corpus_sha256": digest.hexdigest(),
+        "vocab_size": cfg.vocab_size,
+        "source": source,
+    }
+
+
+def _same(old: dict, new: dict) -> bool:
+    return all(old.get(k) == v for k, v in new.items() if k != "source")
+
+
+def _differences(old: dict, new: dict) -> str:
+    """`corpus A (sha256 ...), this run has corpus B (sha256 ...)`-style account, one line."""
+    parts = []
+    if old.get("corpus_sha256") != new["corpus_sha256"]:
+        was = f"{old.get('source', '?')} (sha256 {str(old.get('corpus_sha256'))[:12]})"
+        parts.append(f"corpus {was}, this run has {new['source']} "
+                     f"(sha256 {new['corpus_sha256'][:12]})")  # fmt: skip
+    parts += [
+        f"{k} {old.get(k)!r}, this run has {new[k]!r}"
+        for k in ("vocab_size", "format")
+        if old.get(k) != new[k]
+    ]
+    return "; ".join(parts)
+
+
+def _stored_key(path: Path) -> dict | None:
+    """The key a cached artifact was stamped with; None if absent, {} if it has none (written by
+    older code) or cannot be read (then it cannot be trusted either)."""
+    try:
+        if path.suffix == ".safetensors":
+            if not path.is_file():
+                return None
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+            return json.loads(meta.get("cache_key", "{}"))
+        if not (path / "tokenizer.json").is_file():
+            return None
+        key_file = path / CACHE_KEY_FILE
+        return json.loads(key_file.read_text()) if key_file.is_file() else {}
+    except (OSError, ValueError, SafetensorError):
+        return {}
+
+
+def prepare_data(
+    cfg: PretrainConfig,
+    out_dir: Path,
+    resume: bool = False,
+    echo: Callable[[str], None] = _say,
+):
+    """Tokenizer + train/eval token streams, cached in out_dir so a resume reuses them exactly.
+
+    The cache is used only when its key (`data_key`) matches this config's data. Otherwise it is
+    rebuilt, with one line saying why; under `resume` (there are checkpoints, trained on the
+    cached data) that is refused instead: ValueError naming the file and what differs."""
+    tok_dir, data_file = out_dir / "tokenizer", out_dir / "tokens.safetensors"
+    train_docs, eval_docs, source = load_documents(cfg)
+    key = data_key(cfg, train_docs, eval_docs, source)
+    stored = {data_file: _stored_key(data_file), tok_dir: _stored_key(tok_dir)}
+    if all(old and _same(old, key) for old in stored.values()):
+        data = load_file(data_file)
+        return _checked(cfg, load_tokenizer(tok_dir), data["train"], data["eval"])
+    differing = [(path, old) for path, old in stored.items() if old and not _same(old, key)]
+    if differing:
+        path, old = differing[0]  # tokens first; one line, as both are rebuilt together
+        if resume:
+            raise ValueError(
+                f"{path}: built from {_differences(old, key)}; --resume continues on the data "
+                "the checkpoints were trained on: restore those settings, or start afresh in "
+                "another --output-dir"
+            )
+        echo(f"{path}: built from {_differences(old, key)}: rebuilding the tokenizer and tokens")
     tokenizer = train_tokenizer(train_docs, vocab_size=cfg.vocab_size)
     train, evals = encode_documents(tokenizer, train_docs), encode_documents(tokenizer, eval_docs)
+    if stored[data_file] == {}:  # a cache that does not say what it was built from
+        same = False
+        with contextlib.suppress(OSError, KeyError, SafetensorError):  # unreadable: not the same
+            same = torch.equal(load_file(data_file)["train"], train)
+        if resume and not same:
+            raise ValueError(
+                f"{data_file}: has no record of what it was built from and holds other tokens "
+                f"than {source} gives: --resume needs the original corpus"
+            )
+        if not same and not differing:
+            echo(
+                f"{data_file}: has no record of what it was built from: rebuilding the "
+                "tokenizer and tokens"
+            )
+    _checked(cfg, tokenizer, train, evals)  # before writing: a too-small corpus caches nothing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The tokenizer first, then the tokens: a kill in between leaves a tokens file whose key
+    # does not match, so the next run rebuilds both rather than pairing old tokens with a new
+    # tokenizer.
+    with atomic_directory(tok_dir) as tmp:
+        save_tokenizer(tokenizer, tmp)
+        (tmp / CACHE_KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
+    with atomic_file(data_file) as tmp:
+        tensors = {"train": train.contiguous(), "eval": evals.contiguous()}
+        save_file(tensors, tmp, metadata={"cache_key": json.dumps(key)})
+    return _checked(cfg, tokenizer, train, evals)
+
+
+def _checked(cfg: PretrainConfig, tokenizer, train: torch.Tensor, evals: torch.Tensor):
+    """The seq_len-dependent checks, applied after the cache (seq_len is not part of its key)."""
     if len(train) < cfg.seq_len + 2:
         raise ValueError(
             f"the corpus has only {len(train)} training tokens; need more than seq_len "
@@ -132,29 +342,35 @@ def prepare_data(cfg: PretrainConfig, out_dir: Path):
         )
     if len(evals) < cfg.seq_len + 2:  # a tiny own corpus: evaluate on the training text
         evals = train
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(tok_dir) as tmp:
-        save_tokenizer(tokenizer, tmp)
-    tmp_file = data_file.with_suffix(".tmp")
-    save_file({"train": train.contiguous(), "eval": evals.contiguous()}, tmp_file)
-    os.replace(tmp_file, data_file)
     return tokenizer, train, evals
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True):
+def pretrain(
+    cfg: PretrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = _say,
+):
     """Run pre-training; returns the report dict (also written to out_dir/report.json)."""
     cfg.validate()
     out_dir = Path(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if not resume and latest_checkpoint(out_dir) is not None:  # before the data is prepared
+    # Before the data is prepared; this also cleans up after a killed run (see latest_checkpoint).
+    has_checkpoint = latest_checkpoint(out_dir) is not None
+    if not resume and has_checkpoint:
         raise FileExistsError(
             f"{out_dir} already has checkpoints: pass --resume to continue, or pick another "
             "--output-dir"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    tokenizer, train_tokens, eval_tokens = prepare_data(cfg, out_dir)
+    # Only checkpoints tie a run to its cached data: a resume with none may rebuild it.
+    tokenizer, train_tokens, eval_tokens = prepare_data(
+        cfg, out_dir, resume and has_checkpoint, echo
+    )
+    # After the data check, so a refused resume leaves the run's config as it was.
+    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     special = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
