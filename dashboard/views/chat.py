@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import pandas as pd
 import streamlit as st
 
@@ -11,6 +13,7 @@ from chat.models import Sampling, default_chat_model, load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession, TurnResult
 from core.models import BOT_MODEL, FOUNDATION_MODEL, PRETRAINED_DIR, SHIPPED_MODELS
+from dashboard.lib.chat_view import safe_markdown
 
 # What the model picker says about each shipped name.
 MODEL_LABELS = {
@@ -156,30 +159,34 @@ if st.button("Clear this conversation", disabled=not messages):
 for i, message in enumerate(messages):
     role = "user" if message.type == "human" else "assistant"
     with st.chat_message(role):
-        st.markdown(message.text)
+        st.markdown(safe_markdown(message.text))  # never images or HTML: they can leak the chat
         if role == "assistant":
             show_extras(message.response_metadata, f"old-{i}")
 
 question = st.chat_input("Ask about tokens, sampling, LoRA ...")
 if question:
     with st.chat_message("user"):
-        st.markdown(question)
+        st.markdown(safe_markdown(question))
     with st.chat_message("assistant"):
-        results: list[TurnResult] = []
-
-        def pieces():
-            for item in session.stream(question):
-                if isinstance(item, TurnResult):
-                    results.append(item)
-                else:
-                    yield item
-
+        # Streamed by hand rather than st.write_stream, which renders the raw text as markdown.
+        shown = st.empty()
+        text, result = "", None
         try:
-            st.write_stream(pieces())
+            # closing: a rerun or stop mid-answer saves the part shown and frees the thread now
+            with closing(session.stream(question)) as turn:
+                for item in turn:
+                    if isinstance(item, TurnResult):
+                        result = item
+                    else:
+                        text += item
+                        shown.markdown(safe_markdown(text) + "▌")
         except ValueError as e:
             st.error(str(e))
+        if text:
+            shown.markdown(safe_markdown(text))
         else:
-            result = results[0]
+            shown.empty()
+        if result is not None:
             if result.dropped_messages:
                 st.caption(f"({result.dropped_messages} older messages did not fit the context)")
             show_extras(
