@@ -119,4 +119,10 @@ def parse_set_options(items: list[str] | None) -> dict[str, str]:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    try:
+        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        # A failed write() (a full disk) carries no file name: give it one for the message.
+        raise OSError(e.errno, e.strerror, str(path)) from e

@@ -50,15 +50,44 @@ class GPTConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise ValueError `key: got X, must be ...` for a shape the model cannot be built
+        with, before any tensor is allocated (a config.json from elsewhere, a pre-training
+        recipe)."""
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        sizes += ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        for key in sizes:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}: got {value!r}, must be an integer >= 1")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
+                f"num_key_value_heads: got {self.num_key_value_heads}, must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"num_attention_heads: got {self.num_attention_heads}, must divide "
+                    f"hidden_size ({self.hidden_size})"
+                )
+            head_dim, key = self.hidden_size // self.num_attention_heads, "hidden_size"
+        else:
+            head_dim, key = self.head_dim, "head_dim"
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2:
+            raise ValueError(f"head_dim: got {head_dim!r}, must be an even integer >= 2")
+        if head_dim % 2:  # rotary embeddings rotate dimensions in pairs
+            raise ValueError(
+                f"{key}: gives head_dim {head_dim}, which must be even for rotary embeddings"
+            )
+        for key in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, key)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key}: got {value!r}, must be a number > 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,19 +13,24 @@ core only knows where things are.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from core.atomic import atomic_directory, write_text_atomic
 from core.chat_format import stop_ids
+from core.config import ConfigError
 from core.embedded import EMBEDDED_MODELS, embedded_folder
 from core.model import GPT, GPTConfig, rotary_tables
 from core.tokenizer import load_tokenizer
@@ -43,6 +48,9 @@ CHAT_TUNED = ("tutor", "tutor-sft", "tutor-rlhf", *EMBEDDED_MODELS, BOT_MODEL)
 SUPPORTED_MODEL_TYPES = ("llama",)
 _ROPE_OK = (None, "default")
 ADAPTER_CONFIG = "adapter_config.json"  # peft's
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
 ADAPTER_META = "finetune.json"  # ours: base model, method, quantization of the base
 SPEC_HELP = (
     "tutor, tutor-sft, tutor-base, smollm2-135m-instruct, smollm2-tutor, a folder, an adapter "
@@ -58,6 +66,42 @@ class ModelLoadError(ValueError):
 
 class ModelSpecError(ModelLoadError):
     """A model name that is neither shipped, a folder, an adapter, a hub id nor a provider."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """A well-formed model our GPT does not implement (another architecture, rope scaling,
+    activation): transformers runs it instead."""
+
+
+def pick_device(requested: str = "auto") -> str:
+    """THE place a device string is checked (training configs, `load`, finetune): "auto" -> "cuda"
+    when torch sees a GPU, else "cpu"; an explicit device must exist on this machine. Checked up
+    front, so a typo or a missing GPU fails in one line before any data or model loads, instead
+    of as torch's RuntimeError halfway through."""
+    text = str(requested).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: got {requested!r}, but torch sees no CUDA GPU on this machine; "
+                "use cpu (or auto: a GPU when there is one)"
+            )
+        index = int(cuda.group(1) or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: got {requested!r}, but this machine has "
+                f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...)"
+            )
+        return text
+    if text == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device: got {requested!r}, but torch sees no Apple GPU (mps)")
+        return text
+    raise ConfigError(f"device: got {requested!r}, must be {DEVICES}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +169,21 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def check_adapter_weights(folder: Path) -> None:
+    """Refuse an adapter without safetensors weights before anything reads it: peft would fall
+    back to a pickle (.bin), and unpickling a downloaded file can run any code."""
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        return
+    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+    if pickles:
+        raise ModelSpecError(
+            f"{folder}: {pickles[0]} is a pickle file, which can run code when loaded; only "
+            f"{ADAPTER_WEIGHTS} adapters are loaded (re-save it with peft's save_pretrained, "
+            "which writes safetensors)"
+        )
+    raise ModelSpecError(f"{folder}: no {ADAPTER_WEIGHTS} (only safetensors weights are loaded)")
+
+
 def read_adapter_meta(adapter: str | Path) -> dict:
     """An adapter folder's base model and training method: our finetune.json, else what peft's
     adapter_config.json says (a LoRA adapter from elsewhere)."""
@@ -139,11 +198,22 @@ def read_adapter_meta(adapter: str | Path) -> dict:
 
 
 def is_core_folder(path: str | Path) -> bool:
-    """Whether our GPT can load this folder (Llama family), judged from its config.json."""
+    """Whether our GPT can load this folder (Llama family), judged from its config.json. A
+    config.json that is broken (not JSON, a Llama config with a missing key or an impossible
+    shape) raises ModelLoadError naming it, rather than being handed to transformers, which
+    would fill the gaps with defaults (a 7B shape) and fail much later, or not at all."""
     config = Path(path) / "config.json"
     try:
-        config_from_hf(json.loads(config.read_text(encoding="utf-8")), str(config))
-    except (OSError, ValueError):
+        hf = json.loads(config.read_text(encoding="utf-8"))
+    except OSError:
+        return False
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{config}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{config}: expected a JSON object of config keys")
+    try:
+        config_from_hf(hf, str(config))
+    except UnsupportedModelError:
         return False
     return True
 
@@ -156,6 +226,7 @@ def resolve(spec: str | Path, adapter: str | Path | None = None) -> ModelSpec:
         adapter_dir = Path(adapter).expanduser()
         if not is_adapter_folder(adapter_dir):
             raise ModelSpecError(f"{adapter}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
+        check_adapter_weights(adapter_dir)
         if not text:
             text = read_adapter_meta(adapter_dir).get("base_model") or ""
             if not text:
@@ -212,8 +283,7 @@ def load(spec: ModelSpec | str, device: str = "cpu"):
     spec = resolve(spec) if isinstance(spec, str) else spec
     if spec.hosted:
         raise ModelSpecError(f"{spec.spec}: a hosted model, not a local one")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device)
     if spec.core:
         folder = Path(spec.source)
         return load_model(folder, device=device), load_tokenizer(folder)
@@ -245,16 +315,16 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
     """Map a transformers Llama `config.json` onto our GPTConfig, refusing what we don't implement."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
+        raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not Llama-family "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type"))
     if rope_type not in _ROPE_OK:
-        raise ModelLoadError(f"{source}: rope scaling {rope_type!r} is not supported")
+        raise UnsupportedModelError(f"{source}: rope scaling {rope_type!r} is not supported")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported")
+        raise UnsupportedModelError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
 
     def token_id(key):
@@ -283,6 +353,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
         )
     except KeyError as e:
         raise ModelLoadError(f"{source}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # GPTConfig's checks: name the file they came from
+        raise ModelLoadError(f"{source}: {e}") from None
 
 
 def config_to_hf(config: GPTConfig) -> dict:
@@ -316,7 +388,10 @@ def config_to_hf(config: GPTConfig) -> dict:
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index}: not a safetensors index ({e})") from None
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -326,9 +401,17 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         )
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        with safe_open(folder / name, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[key] = f.get_tensor(key)
+        path = folder / name
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: weight file not found (listed in {index.name})")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensors[key] = f.get_tensor(key)
+        except SafetensorError as e:
+            raise ModelLoadError(
+                f"{path}: corrupt or truncated safetensors file ({e}); copy or download it again"
+            ) from None
     return tensors
 
 
@@ -362,6 +445,15 @@ def load_model(
             f"{folder}: weights do not match the config "
             f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
         )
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k in sorted(expected) if tuple(state[k].shape) != shapes[k]]
+    if wrong:
+        k = wrong[0]
+        raise ModelLoadError(
+            f"{folder}: config.json does not match the weights ({len(wrong)} tensors differ, "
+            f"e.g. {k}: config.json gives {list(shapes[k])}, model.safetensors has "
+            f"{list(state[k].shape)}); the two files come from different models"
+        )
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
@@ -392,10 +484,12 @@ def write_model_files(model: GPT, folder: Path, tokenizer=None, dtype: torch.dty
             continue  # transformers re-ties it from embed_tokens
         v = v.detach().to("cpu")
         state[k] = (v.to(dtype) if dtype is not None else v).contiguous()
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with naming_write_errors(folder / "model.safetensors"):
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     hf = config_to_hf(model.config)
     hf["dtype"] = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    with naming_write_errors(folder / "config.json"):
+        (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     # With its tokenizer, a chat model's folder lists the end of a turn (<|end|>) as an end too,
     # so plain transformers `generate` stops after the answer instead of running into filler.
     eos = stop_ids(tokenizer, model.config) if tokenizer is not None else model.config.eos_token_id
@@ -404,9 +498,28 @@ def write_model_files(model: GPT, folder: Path, tokenizer=None, dtype: torch.dty
         "eos_token_id": eos,
         "pad_token_id": model.config.pad_token_id,
     }
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    with naming_write_errors(folder / "generation_config.json"):
+        (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        with naming_write_errors(folder):
+            tokenizer.save_pretrained(folder)
+
+
+@contextmanager
+def naming_write_errors(path: Path) -> Iterator[None]:
+    """A failed write says which file: OSErrors get `path` as their filename, and safetensors'
+    Rust errors (it reports a full disk as SafetensorError "No space left on device") become
+    the OSError they stand for, so the CLI prints "no space left on device while writing PATH"."""
+    try:
+        yield
+    except SafetensorError as e:
+        text = str(e)
+        code = errno.ENOSPC if "No space left" in text or "os error 28" in text else errno.EIO
+        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else text, str(path)) from e
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
 
 
 def ship_model(final_dir: Path, name: str, report: dict) -> Path:

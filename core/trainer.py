@@ -16,7 +16,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from core.checkpoint import latest_checkpoint, load_module_state, load_training_state
 from core.checkpoint import save_checkpoint as save_training_checkpoint
+from core.config import ConfigError
 from core.model import GPT
-from core.models import load_model
+from core.models import load_model, pick_device
 
 
 @dataclass
@@ -51,9 +52,71 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
-        for key in ("max_steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        """Raise ConfigError `key: got X, must be ...` for the first unusable value, before any
+        data or model is loaded. The rules go by key name, so a stage's own keys (SFT's
+        eval_batch_size, PPO's minibatches, ...) are checked here too. Resolves device "auto"
+        to the device this machine has."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, (ok, rule) in _RULES.items():
+            if key in values and values[key] is not None and not ok(values[key]):
+                raise ConfigError(f"{key}: got {values[key]!r}, must be {rule}")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ConfigError(
+                f"min_learning_rate: got {self.min_learning_rate!r}, must be between 0 and "
+                f"learning_rate ({self.learning_rate!r})"
+            )
+        self.device = pick_device(self.device)
+
+
+def _at_least(low: float) -> Callable[[float], bool]:
+    return lambda v: math.isfinite(v) and v >= low
+
+
+def _above(low: float) -> Callable[[float], bool]:
+    return lambda v: math.isfinite(v) and v > low
+
+
+def _within(low: float, high: float) -> Callable[[float], bool]:
+    return lambda v: math.isfinite(v) and low <= v <= high
+
+
+# key -> (check, what the message says it must be); None values are skipped (optional keys).
+_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    **{
+        key: (_at_least(1), ">= 1")
+        for key in (
+            "max_steps",
+            "batch_size",
+            "eval_every",
+            "checkpoint_every",
+            "log_every",
+            # 0 would keep every checkpoint (a full disk, not a feature); a resume needs one.
+            "keep_checkpoints",
+            "eval_batch_size",  # SFT
+            "ppo_epochs",  # RLHF
+            "minibatches",
+            "max_new_tokens",
+            "eval_samples",
+        )
+    },
+    "threads": (_at_least(0), ">= 1 (0 or null: torch's default)"),
+    "learning_rate": (_above(0), "> 0"),
+    "min_learning_rate": (_at_least(0), ">= 0"),
+    "warmup_steps": (_at_least(0), ">= 0"),
+    "weight_decay": (_at_least(0), ">= 0"),
+    "beta1": (lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": (_above(0), "> 0"),
+    # RLHF: PPO's coefficients and DPO's beta
+    "kl_coef": (_at_least(0), ">= 0"),
+    "clip_range": (_above(0), "> 0"),
+    "clip_range_value": (_above(0), "> 0"),
+    "vf_coef": (_at_least(0), ">= 0"),
+    "gamma": (_within(0, 1), "in [0, 1]"),
+    "lam": (_within(0, 1), "in [0, 1]"),
+    "missing_end_penalty": (_at_least(0), ">= 0"),
+    "beta": (_above(0), "> 0"),
+}
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

@@ -64,7 +64,8 @@ def finetune_command(
 ) -> None:
     """LoRA / QLoRA fine-tuning of a Hugging Face causal LM on your own data.
 
-    Every config key is also a flag; --check only checks the data, --dry-run only estimates."""
+    Every config key is also a flag; --check only checks the data, --dry-run only estimates
+    (after checking the config and the rows of --data)."""
     # Deferred: datasets, peft and TRL take seconds to import, and every `genai-lab`
     # subcommand registers this module at start-up.
 
@@ -74,7 +75,12 @@ def finetune_command(
     _quiet_libraries()
     if dry_run:
         from finetune.dryrun import dry_run as run_dry
+        from finetune.lint import lint_structure
 
+        cfg.validate(require_data=False)  # the config first, then the data, then the estimate
+        if cfg.data:  # a dry run that passes is a promise: bad or empty data fails now, not later
+            files = [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
+            lint_structure(files, cfg.format, cfg.skip_invalid, typer.echo)
         run_dry(cfg, typer.echo)
         return
     color = sys.stdout.isatty()
@@ -112,7 +118,11 @@ _fixed_parameters = [
         Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override (repeatable).")],
     ),
     _switch("check", "Only check the data (no model is loaded)."),
-    _switch("dry_run", "Only estimate parameters and memory from the config."),
+    _switch(
+        "dry_run",
+        "Only estimate parameters and memory from the config (and lint --data, without the "
+        "tokenizer).",
+    ),
     _switch("resume", "Continue from the newest complete checkpoint."),
     _switch("quiet", "No progress bar."),
 ]

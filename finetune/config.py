@@ -6,6 +6,8 @@ the help text of each flag is the `help` below. Unknown keys are errors with a s
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 
@@ -57,27 +59,71 @@ class FinetuneConfig:
     skip_invalid: bool = _f(False, "Drop bad rows (written to rejects.jsonl) instead of stopping.")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub to run.")
 
-    def validate(self) -> None:
-        from finetune.data import FORMATS
+    def validate(self, require_data: bool = True) -> None:
+        """Raise ConfigError `key: got X, must be ...` for the first unusable value, before any
+        model or data loads. `require_data=False` for `--dry-run`, which can estimate a model
+        alone."""
+        from transformers.trainer_utils import SchedulerType  # the schedules Trainer knows
 
-        if not self.data:
-            raise ValueError("no training data: pass --data FILE or set `data:` in the config")
-        if self.method not in ("lora", "qlora"):
-            raise ValueError(f"method must be lora or qlora, got {self.method!r}")
-        if self.format not in ("auto", *FORMATS):
-            raise ValueError(f"format must be auto or one of {', '.join(FORMATS)}")
-        positive = ["lora_rank", "batch_size", "gradient_accumulation", "logging_steps"]
-        positive += ["max_steps", "eval_steps", "save_steps", "max_length", "save_total_limit"]
-        for key in positive:
+        from core.config import ConfigError
+        from finetune.data import FORMATS
+        from finetune.modeling import pick_device
+
+        if require_data and not self.data:
+            raise ConfigError(
+                "data: no training data: pass --data FILE or set `data:` in the config"
+            )
+        for key, path in (("data", self.data), ("eval_data", self.eval_data)):
+            if path is not None and not str(path).strip():
+                raise ConfigError(f"{key}: got {path!r}, must be a data file")
+        choices = {
+            "method": ("lora", "qlora"),
+            "format": ("auto", *FORMATS),
+            "lr_scheduler": tuple(s.value for s in SchedulerType),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"{key}: got {getattr(self, key)!r}, must be one of {', '.join(allowed)}"
+                )
+        for key, (ok, rule) in _RULES.items():
             value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ValueError(f"{key} must be positive, got {value}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            if value is not None and not ok(value):
+                raise ConfigError(f"{key}: got {value!r}, must be {rule}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ConfigError(f"epochs: got {self.epochs!r}, must be > 0 (or set max_steps)")
+        pick_device(self.device)  # a typo or a missing GPU fails now, not after the data check
+
+
+def _finite(check: Callable[[float], bool]) -> Callable[[float], bool]:
+    return lambda v: math.isfinite(v) and check(v)
+
+
+# key -> (check, what the message says it must be); None values are skipped (optional keys).
+_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    **{
+        key: (lambda v: v >= 1, ">= 1")
+        for key in (
+            "lora_rank",
+            "batch_size",
+            "gradient_accumulation",
+            "logging_steps",
+            "max_steps",
+            "eval_steps",
+            "save_steps",
+            "max_length",
+            "save_total_limit",
+            "sample_max_new_tokens",
+        )
+    },
+    "num_samples": (lambda v: v >= 0, ">= 0"),
+    "lora_alpha": (_finite(lambda v: v > 0), "> 0"),
+    "lora_dropout": (_finite(lambda v: 0 <= v < 1), "in [0, 1)"),
+    "learning_rate": (_finite(lambda v: v > 0), "> 0"),
+    "warmup_ratio": (_finite(lambda v: 0 <= v < 1), "in [0, 1)"),
+    "weight_decay": (_finite(lambda v: v >= 0), ">= 0"),
+    "eval_fraction": (_finite(lambda v: 0 < v < 1), "between 0 and 1 (exclusive)"),
+}
 
 
 def config_fields() -> list:

@@ -257,6 +257,14 @@ def detect_format(rows: list[Row], where: str) -> str:
                 if all(k in row.data for k in keys):
                     votes[fmt] += 1
                     break
+    if not any(isinstance(row.data, dict) for row in rows):
+        # Nothing parsed (a binary file, another text format): columns are not the problem.
+        first = next((i for row in rows for i in row.issues), None)
+        reason = f"{first.where}: {first.reason}" if first else "no row is a JSON object"
+        raise DataError(
+            f"{where}: not a dataset: no row could be read ({reason}); expected text rows in "
+            "JSON Lines, JSON, CSV or Parquet"
+        )
     if not votes:
         found = ", ".join(sorted(columns)) or "none"
         raise DataError(

@@ -1,6 +1,7 @@
 """`genai-lab finetune --dry-run`: what a run would train and how much memory it would need,
 from the model's config alone. The model is built on PyTorch's meta device (shapes, no data),
-so a 70B model costs nothing to inspect and no weights are downloaded."""
+so a 70B model costs nothing to inspect and no weights are downloaded. The config is validated
+as for a run (`genai-lab finetune --dry-run` also lints `--data` first: finetune/cli.py)."""
 
 from __future__ import annotations
 
@@ -47,8 +48,7 @@ def dry_run(cfg: FinetuneConfig, echo=print, seq_len: int | None = None) -> dict
         pick_device,
     )
 
-    if cfg.method not in ("lora", "qlora"):
-        raise ValueError(f"method must be lora or qlora, got {cfg.method!r}")
+    cfg.validate(require_data=False)  # the same checks as a run, except that data is optional
     config = load_config(cfg.model, cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)

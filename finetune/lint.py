@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,21 +48,17 @@ class DatasetCheck:
         return [r for r in self.rows if not r.ok]
 
 
-def check_file(
-    path: str | Path,
-    tokenizer,
-    fmt: str = "auto",
-    max_length: int | None = None,
-    truncate: bool = False,
-    train_on_prompt: bool = False,
-) -> DatasetCheck:
+def check_structure(path: str | Path, fmt: str = "auto") -> tuple[DatasetCheck, list]:
+    """Read every row and check its JSON, format and fields, without a tokenizer (what
+    `--dry-run` checks: it loads nothing of the model). Returns the check (no encoded rows yet)
+    and each row's conversation (None for a bad row)."""
     rows = read_rows(path)
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows (an empty file?)")
     detected = fmt == "auto"
     if detected:
         fmt = detect_format(rows, str(path))
-    check = DatasetCheck(str(path), fmt, detected, rows, max_length=max_length)
+    check = DatasetCheck(str(path), fmt, detected, rows)
     conversations = []
     for row in rows:
         conversation = None
@@ -70,7 +67,42 @@ def check_file(
             row.issues.extend(issues)
         conversations.append(conversation)
     mark_duplicates(rows, conversations)
-    for row, conversation in zip(rows, conversations, strict=True):
+    return check, conversations
+
+
+def lint_structure(
+    files: list[str], fmt: str, skip_invalid: bool, echo: Callable[[str], None]
+) -> list[DatasetCheck]:
+    """`--dry-run`'s data check: every row of every file parsed and checked against the format,
+    bad rows listed; stops (DataError) on bad rows unless skip_invalid, or when no row is usable.
+    Token counts need the tokenizer: that is `--check`."""
+    checks = []
+    for path in files:
+        check, _ = check_structure(path, fmt)
+        check.good_rows = [row for row in check.rows if row.ok]
+        how = "auto-detected" if check.detected else "given"
+        echo(
+            f"{check.path}: {len(check.rows)} rows, format {check.format} ({how}): "
+            f"{len(check.good_rows)} well-formed, {len(check.bad_rows)} with errors"
+        )
+        checks.append(check)
+    for line in issue_lines(checks):
+        echo(line)
+    enforce(checks, skip_invalid, None, echo)
+    return checks
+
+
+def check_file(
+    path: str | Path,
+    tokenizer,
+    fmt: str = "auto",
+    max_length: int | None = None,
+    truncate: bool = False,
+    train_on_prompt: bool = False,
+) -> DatasetCheck:
+    check, conversations = check_structure(path, fmt)
+    check.max_length = max_length
+    for row, conversation in zip(check.rows, conversations, strict=True):
         if not row.ok:
             continue
         try:
@@ -175,8 +207,8 @@ def enforce(checks: list[DatasetCheck], skip_invalid: bool, rejects: Path | None
         )
     if bad and rejects is not None:
         write_rejects(checks, rejects)
-        kept = sum(len(c.examples) for c in checks)
+        kept = sum(len(c.good_rows) for c in checks)
         echo(f"skipped {bad} invalid rows (written to {rejects}); training on {kept} rows")
     for check in checks:
-        if not check.examples:
+        if not check.good_rows:
             raise DataError(f"{check.path}: no usable rows")

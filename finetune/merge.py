@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.inference import read_adapter_meta
+from finetune.inference import load_adapter, read_adapter_meta
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FALLBACK_PROMPTS = ("The cat sat on the", "Once upon a time, there was a", "A token is")
@@ -60,18 +60,20 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from core.models import atomic_directory
+    from core.models import atomic_directory, naming_write_errors
     from finetune.modeling import load_base_model, load_tokenizer, pick_device
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"--dtype: got {dtype!r}, must be one of {', '.join(DTYPES)}")
     meta = read_adapter_meta(adapter)
     base = base or meta.get("base_model")
     if not base:
         raise ValueError(f"{adapter}: the adapter does not name its base model; pass --base")
     quantized = meta.get("method") == "qlora"
     device = pick_device(device)
-    tokenizer = load_tokenizer(str(adapter))
+    # The adapter's own tokenizer (its chat template) when it has one, else its base's.
+    has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base)
     prompts = list(meta.get("sample_prompts") or []) + list(FALLBACK_PROMPTS)
 
     def base_model():
@@ -81,7 +83,7 @@ def merge_adapter(
 
     # 1. The reference: the adapter on the base exactly as it was trained.
     echo(f"loading {base} ({'4-bit NF4' if quantized else 'fp32'}) with the adapter {adapter}")
-    reference = PeftModel.from_pretrained(base_model(), str(adapter)).eval()
+    reference = load_adapter(PeftModel, base_model(), adapter).eval()
     reference_logits = prompt_logits(reference, tokenizer, prompts)
     del reference
 
@@ -89,10 +91,10 @@ def merge_adapter(
     model = base_model()
     if quantized:
         model = _dequantized(model)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged = load_adapter(PeftModel, model, adapter).merge_and_unload()
     merged = merged.to(DTYPES[dtype])
     output = Path(output)
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output) as tmp, naming_write_errors(output):
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     del merged

@@ -9,13 +9,16 @@ and remote code only runs with `trust_remote_code`.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from core.config import ConfigError
 from core.models import SHIPPED_NAMES, ModelSpecError, context_length, resolve
+from core.models import pick_device as pick_any_device
 
 __all__ = ["SHIPPED_NAMES", "ModelSpecError", "context_length"]
 
@@ -42,12 +45,26 @@ def model_label(spec: str) -> str:
 
 @contextmanager
 def _one_line_errors(spec: str, what: str):
-    """Map transformers' multi-paragraph load errors onto one line naming the model."""
+    """Map transformers' multi-paragraph load errors onto one line naming the model: a missing
+    or unreadable file (OSError), a corrupt or truncated safetensors file (SafetensorError), a
+    config.json whose shapes do not match the weights (RuntimeError from load_state_dict)."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, SafetensorError):
+            first = f"corrupt or truncated safetensors file: {first}"
         raise ModelSpecError(f"{spec}: cannot load the {what} ({first})") from None
+    except RuntimeError as e:
+        # torch says "size mismatch"; transformers 5 prints a load report, then raises this.
+        if "size mismatch" not in str(e) and "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise ModelSpecError(
+            f"{spec}: config.json does not match the weights (a tensor's shape differs from "
+            "what the config says); the two files come from different models"
+        ) from None
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
@@ -74,14 +91,12 @@ def load_config(spec: str, trust_remote_code: bool = False):
 
 
 def pick_device(requested: str = "auto") -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; an explicit choice is checked."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} asked for, but torch sees no CUDA GPU")
-    if requested not in ("cpu", "cuda") and not requested.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
-    return requested
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; an explicit choice is checked by
+    core's one device check. Fine-tuning runs on CPUs and CUDA GPUs only (bitsandbytes)."""
+    text = str(requested).strip().lower()
+    if text not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", text):
+        raise ConfigError(f"device: got {requested!r}, must be auto, cpu, cuda or cuda:N")
+    return pick_any_device(text)
 
 
 def compute_dtype(device: str) -> torch.dtype:

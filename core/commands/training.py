@@ -12,7 +12,7 @@ import typer
 
 from core.chat_format import encode_conversation, mask_view
 from core.cli import cli_errors
-from core.config import load_config, parse_set_options
+from core.config import ConfigError, load_config, parse_set_options
 from core.data import conversation_messages, load_rows
 from core.models import resolve_model_path, ship_model
 from core.stages.pipeline import load_pipeline_config, markdown_report, run_pipeline
@@ -114,7 +114,9 @@ def sft_command(
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
     show_mask: Annotated[
         int,
-        typer.Option(help="Print N training examples with the trained-on tokens in [brackets]."),
+        typer.Option(
+            min=0, help="Print N training examples with the trained-on tokens in [brackets]."
+        ),
     ] = 0,
     resume: ResumeOpt = False,
     skip_invalid: SkipOpt = False,
@@ -224,12 +226,32 @@ def pipeline_command(
     skips finished stages and resumes an interrupted one."""
     overrides = {"base_model": base_model} if base_model else {}
     cfg = load_pipeline_config(config, overrides)
+    _check_pipeline_values(cfg, output_dir)
     metrics = run_pipeline(cfg, output_dir, progress=not quiet, echo=typer.echo)
     typer.echo(markdown_report(metrics))
     if ship:
         include_base = cfg.base_model is None
         for path in ship_stages(output_dir, include_base, rlhf_from=ship_rlhf_from):
             typer.echo(f"shipped {path}")
+
+
+def _check_pipeline_values(cfg, output_dir: Path) -> None:
+    """Every stage's values checked before the first one trains: run_pipeline checks keys and
+    types up front, but values only when each stage starts, so `rlhf: {minibatches: 0}` would
+    otherwise fail after an hour of pre-training."""
+    from core.stages.pipeline import _pretrain_config, _stage_configs
+
+    names = ("sft", "reward", "rlhf", "dpo")
+    stages = list(zip(names, _stage_configs(cfg, Path(output_dir)), strict=True))
+    if cfg.base_model is None:
+        stages.insert(0, ("pretrain", _pretrain_config(cfg)))
+    for name, stage_cfg in stages:
+        if stage_cfg is None:
+            continue
+        try:
+            stage_cfg.validate()
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source or 'pipeline config'}: {name}: {e}") from None
 
 
 def register(app: typer.Typer) -> None:
