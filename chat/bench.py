@@ -117,11 +117,13 @@ def _median_ms(fn: Callable[[], int], repeats: int) -> float:
     return statistics.median(times)
 
 
-def bot_latency(model_spec: str, retriever, new_tokens: int = 64, repeats: int = 3) -> dict:
+def bot_latency(
+    model_spec: str, retriever, new_tokens: int = 64, repeats: int = 3, prompt_tokens: int = 300
+) -> dict:
     """What the chat page feels with the demo bot: time to the first token and tokens per second
-    of a grounded answer through the LangChain chat model, for a prompt of about 300 tokens (the
-    bot's system prompt + three retrieved notes + the question). Median of `repeats`, after a
-    warm-up; greedy, so every repeat does the same work."""
+    of a grounded answer through the LangChain chat model, for a prompt of at least
+    `prompt_tokens` (the bot's system prompt + the nearest notes + the question). Median of
+    `repeats`, after a warm-up; greedy, so every repeat does the same work."""
     import os
 
     import torch
@@ -130,11 +132,13 @@ def bot_latency(model_spec: str, retriever, new_tokens: int = 64, repeats: int =
 
     chat_model = ChatLocalModel(model=model_spec, temperature=0, max_tokens=new_tokens)
     question = "How does top-p sampling decide how many tokens to keep at each step?"
-    notes = retriever.store.similarity_search_with_score(question, k=3)
-    docs = [d for d, _ in notes]
-    fitted = fit_prompt(
-        question, [], docs, chat_model.count_tokens, 8192, new_tokens, BOT_SYSTEM_PROMPT
-    )
+    ranked = retriever.ranked(question)
+    for n in range(1, len(ranked) + 1):  # the nearest notes, until the prompt is ~300 tokens
+        fitted = fit_prompt(
+            question, [], ranked[:n], chat_model.count_tokens, 8192, new_tokens, BOT_SYSTEM_PROMPT
+        )
+        if fitted.prompt_tokens >= prompt_tokens:
+            break
     messages = [*fitted.system, HumanMessage(question)]
     firsts, rates, tokens = [], [], 0
     for i in range(repeats + 1):

@@ -93,19 +93,24 @@ def bot_eval_command(
     concept, abstentions, for the tutor, SmolLM2 plain, SmolLM2 + notes and + our adapter."""
     import json
 
-    from chat.bot import HELDOUT_FILE, SETUPS, evaluate_setup, read_questions, table
+    from chat.bot import HELDOUT_FILE, SETUPS, answer_scorer, evaluate_setup, read_questions, table
     from chat.bot import rescore as rescore_answers
     from chat.retrieval import ConceptRetriever
 
     _quiet_libraries()
     rows = read_questions(HELDOUT_FILE)[::every]
+    numbers = [str(i + 1) for i in range(len(SETUPS))]
+    for i in setup or []:
+        if i not in numbers:
+            raise ValueError(f"--setup: got {i!r}, must be 1-{len(SETUPS)}")
     chosen = [SETUPS[int(i) - 1] for i in setup] if setup else SETUPS
     retriever = ConceptRetriever()
     results = {}
     if (update or rescore) and output is not None and output.is_file():
         results = json.loads(output.read_text(encoding="utf-8"))
     if rescore:
-        results = {name: rescore_answers(r, retriever) for name, r in results.items()}
+        scorer = answer_scorer()
+        results = {name: rescore_answers(r, scorer) for name, r in results.items()}
         chosen = []
     for s in chosen:
         typer.echo(f"{s.name}: {len(rows)} questions ...", err=True)

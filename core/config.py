@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from core.atomic import write_text_atomic
+
 T = TypeVar("T")
 
 
@@ -120,7 +122,7 @@ def parse_set_options(items: list[str] | None) -> dict[str, str]:
 
 def save_config(config: Any, path: str | Path) -> None:
     try:
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     except OSError as e:
         if e.filename is not None or e.errno is None:
             raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from core.atomic import write_text_atomic
 from core.checkpoint import latest_checkpoint, load_module_state, load_training_state
 from core.checkpoint import save_checkpoint as save_training_checkpoint
 from core.config import ConfigError
@@ -187,14 +187,18 @@ class MetricsLog:
             path.write_text("")
         elif path.exists():
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as e:
+            if e.filename is not None or e.errno is None:
+                raise
+            # A failed write() (a full disk) carries no file name: give it one for the message.
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
 
 def fit(

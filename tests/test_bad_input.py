@@ -653,17 +653,8 @@ CASES = [
     ("chat-db-folder", "chat --db {out} --once hi", "is a folder", FAIL),
     # -- bot, bench ---------------------------------------------------------------------------------
     ("bot-ship-missing-run", "bot ship --run {missing}", "no adapter_model.safetensors", FAIL),
-    pytest.param(
-        "bot-eval-setup-9",
-        "bot eval --setup 9",
-        "--setup",
-        FAIL,
-        id="bot-eval-setup-9",
-        marks=pytest.mark.xfail(
-            reason="chat/cli.py indexes SETUPS without a range check: the "
-            "line is 'IndexError: list index out of range'"
-        ),
-    ),
+    ("bot-eval-setup-9", "bot eval --setup 9", "--setup: got '9', must be 1-4", FAIL),
+    ("bot-eval-setup-word", "bot eval --setup two", "--setup: got 'two', must be 1-4", FAIL),
     ("bench-only-unknown", "bench --only nothing", "--only: got 'nothing'", FAIL),
     ("bench-output-folder", "bench --output {out}", "is a folder", FAIL),
 ]
@@ -719,13 +710,14 @@ def test_device_cuda_without_a_gpu_is_one_line(app, tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_disk_full_while_writing_a_file_is_one_line(app, tmp_path):
-    """A real ENOSPC: the run's config.yaml is a link to /dev/full, where every write fails."""
+    """A real ENOSPC: the run's metrics log (appended to, not replaced) is a link to /dev/full,
+    where every write fails."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.yaml").symlink_to("/dev/full")
+    (out / "metrics.jsonl").symlink_to("/dev/full")
     result = run(app, ["sft", "--output-dir", str(out), "--max-steps", "1"])
     assert_one_line_error(
-        result, f"no space left on device while writing {out / 'config.yaml'}", FAIL
+        result, f"no space left on device while writing {out / 'metrics.jsonl'}", FAIL
     )
 
 

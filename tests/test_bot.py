@@ -17,6 +17,7 @@ from chat.bot import (
     HELDOUT_FILE,
     SETUPS,
     TRAIN_FILE,
+    answer_scorer,
     best_threshold,
     concept_of_answer,
     evaluate_setup,
@@ -25,7 +26,7 @@ from chat.bot import (
 )
 from chat.memory import ChatStore
 from chat.models import Sampling, load_chat_model
-from chat.retrieval import RELEVANCE_THRESHOLD, ConceptRetriever
+from chat.retrieval import EXAMPLE_WEIGHT, RELEVANCE_THRESHOLD, ConceptRetriever, MiniLMEmbeddings
 from chat.session import ChatSession
 from core.content.concepts import CONCEPTS_BY_ID
 from core.embedded import EMBEDDED_MODELS, EmbeddedModel, EmbeddedModelError, embedded_folder
@@ -37,6 +38,18 @@ BOT_EVAL = BOT_ADAPTER / "bot_eval.json"
 @pytest.fixture(scope="module")
 def retriever():
     return ConceptRetriever()
+
+
+class CachedMiniLM(MiniLMEmbeddings):
+    """MiniLM with a memo: a text's vector is computed once (in batches) and reused."""
+
+    def __init__(self) -> None:
+        self.vectors: dict[str, list[float]] = {}
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        new = list(dict.fromkeys(t for t in texts if t not in self.vectors))
+        self.vectors.update(zip(new, super().embed_documents(new), strict=True))
+        return [self.vectors[t] for t in texts]
 
 
 def words(messages) -> int:
@@ -66,14 +79,41 @@ def test_heldout_questions_are_written_apart_from_the_training_ones():
 
 
 def test_the_relevance_threshold_is_the_best_one_on_the_training_questions(retriever):
-    """Recomputes the measured constant: on the training questions (never the held-out ones)
-    it is the threshold with the fewest in-scope refusals plus out-of-scope passes."""
+    """Recomputes the measured constant: on the training questions (never the held-out ones,
+    each scored without itself among the examples) it is the threshold with the fewest in-scope
+    refusals plus out-of-scope passes."""
     rows = read_questions(TRAIN_FILE)
-    scores = {r["question"]: retriever.nearest(r["question"]).metadata["score"] for r in rows}
+    scores = {r["question"]: retriever.nearest(r["question"], leave_out=True).metadata["score"]
+              for r in rows}  # fmt: skip
     inside = [scores[r["question"]] for r in rows if r["concept"]]
     outside = [scores[r["question"]] for r in rows if not r["concept"]]
     assert best_threshold(inside, outside) == RELEVANCE_THRESHOLD
     assert retriever.min_score == RELEVANCE_THRESHOLD
+
+
+def test_example_questions_find_the_right_concept_more_often_than_notes_alone():
+    """The measured EXAMPLE_WEIGHT: leave-one-out on the training questions, the mix ranks the
+    right concept first more often than the note alone and than weights on either side."""
+    questions = [r for r in read_questions(TRAIN_FILE) if r["concept"]]
+    embeddings = CachedMiniLM()  # the same vectors for every weight: each text embedded once
+    embeddings.embed_documents([q["question"] for q in questions])
+
+    def top1(weight: float) -> float:
+        r = ConceptRetriever(example_weight=weight, embeddings=embeddings)
+        hits = sum(r.nearest(q["question"], leave_out=True).id == q["concept"] for q in questions)
+        return hits / len(questions)
+
+    chosen = top1(EXAMPLE_WEIGHT)
+    assert chosen > top1(0.0) + 0.01  # the notes alone
+    assert chosen >= max(top1(EXAMPLE_WEIGHT - 0.2), top1(EXAMPLE_WEIGHT + 0.2))
+
+
+def test_leave_out_only_skips_the_question_itself(retriever):
+    question = read_questions(TRAIN_FILE)[0]["question"]
+    kept, left = retriever.nearest(question), retriever.nearest(question, leave_out=True)
+    assert kept.metadata["score"] > left.metadata["score"]  # it met itself (cosine 1) as example
+    notes_only = ConceptRetriever(examples=())
+    assert notes_only.nearest(question).metadata["score"] <= left.metadata["score"] + 1e-6
 
 
 def test_training_rows_are_the_bots_own_prompt_with_notes(retriever):
@@ -91,9 +131,11 @@ def test_training_rows_are_the_bots_own_prompt_with_notes(retriever):
     assert out[1]["messages"][-1]["content"] == ABSTAIN_ANSWER  # out of scope: the refusal
 
 
-def test_answers_are_scored_by_concept(retriever):
+def test_answers_are_scored_by_concept():
+    scorer = answer_scorer()
+
     def verdict(answer, right):
-        return concept_of_answer(answer, right, retriever)
+        return concept_of_answer(answer, right, scorer)
 
     assert verdict("Top-p keeps the smallest set of likely tokens.", "top-p") == "right"
     assert verdict(ABSTAIN_ANSWER, "top-p") == "abstained"
@@ -201,14 +243,14 @@ def test_lora_and_qlora_on_smollm2_lower_the_loss(tmp_path, method):
     from finetune.config import FinetuneConfig
     from finetune.train import finetune
 
-    rows = [r for r in read_questions(TRAIN_FILE) if r["concept"]][:16]
+    rows = [r for r in read_questions(TRAIN_FILE) if r["concept"]][:8]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(
         json.dumps({"prompt": r["question"], "completion": r["answer"]}) + "\n" for r in rows
     ))  # fmt: skip
     cfg = FinetuneConfig(
         model=FOUNDATION_MODEL, data=str(data), eval_data=str(data), method=method,
-        output_dir=str(tmp_path / method), max_steps=4, batch_size=4, learning_rate=1e-3,
+        output_dir=str(tmp_path / method), max_steps=3, batch_size=4, learning_rate=1e-3,
         max_length=128, num_samples=1, sample_max_new_tokens=8, device="cpu",
     )  # fmt: skip
     report = finetune(cfg, echo=lambda *_: None, progress=False)
@@ -237,15 +279,14 @@ def test_tutor_folders_stop_at_the_end_of_a_turn_in_plain_transformers():
 @pytest.mark.skipif(not BOT_EVAL.is_file(), reason="the bot's figures are recorded by make bot")
 def test_artifact_recorded_bot_figures():
     """An artifact check: the figures `genai-lab bot eval` recorded for the shipped adapter on
-    the held-out questions (the slow tier recomputes them on a subset). The abstention goals
-    are met; the key-term goal (>= 85%) and the other-concept goal (<= 5%) are not yet (84.7%
-    and 8.3%, README), so this checks what was reached: the default bot is the best setup."""
+    the held-out questions (the slow tier recomputes them on a subset) meet the issue's goals,
+    and the default bot is the best setup."""
     figures = json.loads(BOT_EVAL.read_text())
     assert list(figures) == [s.name for s in SETUPS]
     bot = figures[SETUPS[-1].name]
     assert bot["in_scope"] >= 100 and bot["out_of_scope"] >= 30
     assert bot["abstained_out_of_scope"] >= 0.80 and bot["wrongly_abstained"] <= 0.05
-    assert bot["right_concept"] >= 0.8
+    assert bot["right_concept"] >= 0.85 and bot["other_concept"] <= 0.05
     for other in list(figures)[:-1]:
         assert bot["right_concept"] > figures[other]["right_concept"], other
         assert bot["other_concept"] < figures[other]["other_concept"], other
@@ -258,10 +299,10 @@ def test_artifact_recorded_bot_figures():
 
 @pytest.mark.slow
 def test_the_default_bot_answers_held_out_questions(retriever):
-    """Recomputes the bot's figures on a fifth of the held-out questions (every fifth in-scope
-    and every fourth out-of-scope one), through the real path."""
+    """Recomputes the bot's figures on a ninth of the held-out questions (every ninth in-scope
+    one: 16 over 16 concepts, and every eighth out-of-scope one), through the real path."""
     rows = read_questions(HELDOUT_FILE)
-    rows = [r for r in rows if r["concept"]][::5] + [r for r in rows if not r["concept"]][::4]
+    rows = [r for r in rows if r["concept"]][::9] + [r for r in rows if not r["concept"]][::8]
     result = evaluate_setup(SETUPS[-1], rows, retriever)
     wrong = [r for r in result["answers"] if r["concept"] and r["verdict"] != "right"]
     assert result["right_concept"] >= 0.75, wrong
