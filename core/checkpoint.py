@@ -21,7 +21,7 @@ from safetensors.torch import save_model as save_module_file
 
 from core.atomic import atomic_directory, clean_stale_temps, delete_directory
 from core.model import GPT
-from core.models import write_model_files
+from core.models import naming_write_errors, write_model_files
 
 MODULE_FILE = "module.safetensors"
 # What a resume reads besides the weights (module.safetensors, or model.safetensors + config.json).
@@ -80,9 +80,12 @@ def save_checkpoint(
             # save_model (not save_file) because tied embeddings share one tensor.
             save_module_file(model, str(tmp / MODULE_FILE))
         tensors, meta = optimizer_to_tensors(optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}))
+        # A full disk names the checkpoint file it hit, not the temporary folder's copy.
+        with naming_write_errors(path / "optimizer.safetensors"):
+            save_file(tensors, tmp / "optimizer.safetensors")
+        with naming_write_errors(path / "trainer_state.json"):
+            (tmp / "optimizer.json").write_text(json.dumps(meta))
+            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}))
     ckpts = list_checkpoints(out_dir)
     complete = [p for p in ckpts if not missing_files(p)]
     if keep >= 1:

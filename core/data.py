@@ -27,8 +27,13 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict | str]]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DatasetError(f"{path}: UTF-16 text; save it as UTF-8 JSON Lines")
+    if b"\x00" in data[:8192]:
+        raise DatasetError(f"{path}: not a JSON Lines text file (binary data)")
     out: list[tuple[str, dict | str]] = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{path}:{number}"
         try:
             line = raw.decode("utf-8")

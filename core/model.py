@@ -189,6 +189,22 @@ def _stack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]
     return weight, None if linears[0].bias is None else torch.cat([m.bias for m in linears])
 
 
+def attention_probabilities(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) under the causal mask, [B, H, T, S] in fp32: the weights that
+    scaled_dot_product_attention applies inside without returning them (q [B, H, T, D], k
+    [B, KV, S, D], mask/is_causal as passed to it). Masked entries come out exactly 0."""
+    H, KV, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k = k.repeat_interleave(H // KV, dim=1)  # GQA: query head h reads key/value head h // (H/KV)
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -203,6 +219,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
+        # Off by default. Set True to keep this layer's attention probabilities [B, H, T, S] in
+        # `attention_probs` (the dashboard draws them). SDPA never materialises them, so they are
+        # computed a second time, explicitly, only when asked for; the output does not change.
+        self.record_attention = False
+        self.attention_probs: torch.Tensor | None = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
@@ -237,6 +258,8 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=KV != H
         )  # [B, H, T, D]
+        if self.record_attention:
+            self.attention_probs = attention_probabilities(q, k, mask, is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 

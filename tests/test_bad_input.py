@@ -268,7 +268,7 @@ CASES = [
     ("sft-config-missing-key", "sft --model {config_nokey}", "missing key 'hidden_size'", FAIL),
     ("sft-train-missing", "sft --train-file {missing}", "{missing}: file not found", FAIL),
     ("sft-train-empty", "sft --train-file {empty}", "{empty}: no rows", FAIL),
-    ("sft-train-binary", "sft --train-file {binary}", "{binary}:1", FAIL),
+    ("sft-train-binary", "sft --train-file {binary}", "{binary}: not a JSON Lines text", FAIL),
     ("sft-train-not-json", "sft --train-file {notjson}", "{notjson}:1: invalid JSON", FAIL),
     ("sft-train-missing-keys", "sft --train-file {sft_nokey}", "missing field", FAIL),
     ("sft-train-bad-role", "sft --train-file {sft_badrole}", "unknown role 'bot'", FAIL),
@@ -280,7 +280,12 @@ CASES = [
     ("reward-keep-checkpoints-0", "reward --set keep_checkpoints=0", "keep_checkpoints", FAIL),
     ("reward-device-cuda-99", "reward --set device=cuda:99", "device: got 'cuda:99'", FAIL),
     ("reward-train-missing-key", "reward --train-file {prefs_nokey}", "rejected", FAIL),
-    ("reward-train-binary", "reward --train-file {binary}", "{binary}", FAIL),
+    (
+        "reward-train-binary",
+        "reward --train-file {binary}",
+        "{binary}: not a JSON Lines text",
+        FAIL,
+    ),
     ("reward-truncated-weights", "reward --model {trunc}", "{trunc}/model.safetensors", FAIL),
     # -- rlhf --------------------------------------------------------------------------------------
     ("rlhf-method-unknown", "rlhf --method foo", "method must be 'ppo' or 'dpo'", FAIL),

@@ -136,8 +136,11 @@ def _stage_configs(cfg: PipelineConfig, out: Path):
 
 def _pretrain_config(cfg: PipelineConfig) -> PretrainConfig:
     path = Path(cfg.pretrain_config)
-    if not path.is_absolute() and cfg.source and not path.is_file():
-        path = Path(cfg.source).parent / path
+    if not path.is_absolute() and not path.is_file():
+        # Relative: next to the pipeline's own file, else one of the bundled configs (so a
+        # pipeline YAML that names none still finds tutor-base.yaml).
+        beside = Path(cfg.source).parent / path if cfg.source else None
+        path = beside if beside is not None and beside.is_file() else CONFIG_DIR / path
     pre = load_config(PretrainConfig, path)
     where = f"{cfg.source or 'pipeline config'}: pretrain"
     values = {**dataclasses.asdict(pre), **({"threads": cfg.threads} if cfg.threads else {})}
