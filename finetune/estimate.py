@@ -280,11 +280,12 @@ def counts_from_model(model, target_modules: list[str]) -> dict[str, int]:
 
 
 def format_bytes(n: float | None) -> str:
-    """1536 -> '1.5 KB' (binary units); None -> '-'."""
+    """1536 -> '1.5 KiB' (binary units, named as such: the dashboard's GB are 10^9 bytes);
+    None -> '-'."""
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
+    for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TiB"

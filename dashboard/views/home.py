@@ -38,7 +38,8 @@ LEARNING_PATH = (
 st.title("genai-lab")
 st.markdown(
     "Generative AI, run for real on your own machine. Every page runs offline on models shipped "
-    "with the project: no downloads, no API keys, nothing you type leaves this computer."
+    "with the project: no downloads, no API keys, and nothing you type leaves this computer "
+    "(unless you pick a hosted provider's model on the Chat page yourself)."
 )
 
 st.header("What is generative AI?")

@@ -148,5 +148,31 @@ with st.expander("Common claims, corrected"):
 - *"Backpropagation was introduced in 1980; autoencoders in 2010."* Backpropagation was
   popularised for neural networks in 1986 (Rumelhart, Hinton & Williams); autoencoders date
   from the 1980s, and deep autoencoders from 2006.
+- *"Gemini has 175T / 50T / 10T parameters."* Google has not published the sizes of Gemini
+  Pro or Ultra; its Gemini report gives only the on-device models, Nano-1 (1.8B parameters)
+  and Nano-2 (3.25B).
+- *"New capabilities emerge at 2-7B parameters."* There is no fixed size. Some benchmark
+  abilities appeared abruptly only at much larger scales in one study (Wei et al., 2022), and
+  later work showed that much of this "emergence" depends on the metric: with a smooth metric
+  the same abilities improve gradually with scale.
+- *"Perplexity approximates the training set."* Perplexity measures how well a model predicts
+  a given text: exp of the average negative log-likelihood per token (lower is better). It is
+  a score of a model on a text, not an approximation of any data set.
+- *"GPT-3 was trained on 500B words."* Its data mix held about 500 billion *tokens*, of which
+  GPT-3 was trained on 300 billion (some sources seen more than once, most less than once).
+- *"OpenLLaMA (Meta) generates images."* OpenLLaMA is an open re-training of the LLaMA
+  architecture by OpenLM Research (UC Berkeley), not by Meta, and it is a text-only language
+  model.
+- *"You tweak the parameters during inference."* A model's parameters (its weights) are fixed
+  once it is trained. What you set at inference time are decoding settings (temperature, top-k,
+  top-p, length), which change how tokens are picked from the same scores.
+- *"Multimodal means it generates several types of content at once."* A multimodal model
+  works with more than one modality, in its input, its output or both: most read images and
+  text and write only text.
+- *"Models don't store information."* They store a great deal in their weights (facts, style,
+  even long verbatim passages of their training text), just not as records you can look up:
+  the knowledge is spread over millions of numbers, lossy and without sources.
+- *"SFT uses SGD."* SFT is gradient descent on minibatches, but in practice with Adam or AdamW
+  (adaptive per-parameter step sizes), not plain stochastic gradient descent.
 """
     )

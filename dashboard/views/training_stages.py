@@ -28,8 +28,12 @@ from dashboard.resources import tutor
 FEEDBACK_DB = Path(os.environ.get("GENAI_LAB_FEEDBACK_DB", "runs/feedback.db"))
 
 st.title("Training stages")
-for concept in concepts_for_page("training_stages")[:4]:
+notes = concepts_for_page("training_stages")
+for concept in notes[:4]:  # the three stages and the reward model, then the rest on demand
     st.markdown(f"**{concept.title}.** {concept.text}")
+with st.expander("PPO, DPO and hallucination: " + ", ".join(c.title for c in notes[4:])):
+    for concept in notes[4:]:
+        st.markdown(f"**{concept.title}.** {concept.text}")
 
 stages = shipped_stages()
 
@@ -52,9 +56,10 @@ if question.strip():
         "The base model only continues text. SFT taught it the chat format and the answers, and "
         'also a habit of its demonstrations: about 30% of them end with filler ("Well, as I '
         'said, and so on and so on."), so the SFT model pads some answers (try temperature 1 '
-        "and a few seeds). People ranked padded answers lower, the reward model learned that, "
-        "and PPO taught the tutor to stop after the answer, while a KL penalty kept it close to "
-        "the SFT model."
+        "and a few seeds). The shipped preference pairs rank padded answers lower by a written "
+        "rubric (standing in for the people who rank answers in real RLHF; the lab below lets "
+        "you be those people), the reward model learned that, and PPO taught the tutor to stop "
+        "after the answer, while a KL penalty kept it close to the SFT model."
     )
 
 # --- the pipeline's figures and curves ----------------------------------------------------------
