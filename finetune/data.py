@@ -1,16 +1,26 @@
-"""Reading a user's dataset: JSONL, JSON, CSV or Parquet rows in one of four formats, each row
+"""Reading a user's dataset: JSONL, JSON, CSV or Parquet rows in one of five formats, each row
 checked before anything trains, so a malformed row is reported as `file:line: field: reason`
 instead of a KeyError an hour into a run.
 
 Formats (auto-detected from the columns, or chosen with `--format`):
 
-- ``alpaca``: ``instruction``, optional ``input`` and ``system``, ``output``
+- ``alpaca``: ``instruction``, optional ``input``, ``system`` and ``history`` (a list of
+  ``[instruction, response]`` pairs: the earlier turns of the conversation), ``output``
 - ``messages``: ``messages``, a list of ``{"role", "content"}`` ending with an assistant turn
+  (OpenAI chat; an assistant message with ``"weight": 0`` is context only, not trained on)
+- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` (roles human/user,
+  gpt/assistant/model, system), optional top-level ``system``
 - ``prompt_completion``: ``prompt``, ``completion``
 - ``text``: ``text`` (plain language modelling: every token is trained on)
 
 Every format except ``text`` becomes a conversation (a list of messages), which the model's chat
-template renders (see `finetune.render`).
+template renders (see `finetune.render`). Every assistant turn is trained on (earlier answers of
+a conversation and of an alpaca ``history`` too), except one with ``weight`` 0.
+
+Other layouts are read through two mappings (`read_rows(columns=...)`, `to_conversation(roles=)`):
+``columns`` maps a field name above (or ``role``, ``content``, ``weight`` inside a message) to the
+file's own column, e.g. ``{"instruction": "question", "output": "answer"}``; ``roles`` maps the
+file's role names to system/user/assistant, e.g. ``{"bot": "assistant"}``.
 """
 
 from __future__ import annotations
@@ -19,20 +29,59 @@ import csv
 import io
 import json
 import re
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMATS = ("alpaca", "messages", "prompt_completion", "text")
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # The columns that identify each format (the first matching wins ties, so put specific first).
 SIGNATURES = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+# Field names a `columns` mapping may rename to: top-level columns, then keys inside a message.
+COLUMNS = (
+    "messages",
+    "conversations",
+    "system",
+    "instruction",
+    "input",
+    "output",
+    "history",
+    "prompt",
+    "completion",
+    "text",
+)
+MESSAGE_KEYS = ("role", "content", "weight")
+# Columns holding a list, which CSV can only store as JSON text.
+_LIST_COLUMNS = ("messages", "conversations", "history")
+# ShareGPT speaker names (`from`) and what they are; a `roles` mapping adds to / overrides these.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+}
+# Tool-calling turns: no chat template we render has a place for them, so such rows are refused
+# by name rather than trained as if the tool output were the user speaking.
+TOOL_ROLES = ("tool", "function", "function_call", "observation", "tool_call", "tool_response")
+# Byte-order marks of encodings we do not read (UTF-32 LE starts with UTF-16 LE's: check first).
+_BOMS = (
+    (b"\x00\x00\xfe\xff", "UTF-32 BE"),
+    (b"\xff\xfe\x00\x00", "UTF-32 LE"),
+    (b"\xfe\xff", "UTF-16 BE"),
+    (b"\xff\xfe", "UTF-16 LE"),
+)
+_UTF8_BOM = b"\xef\xbb\xbf"
 _SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by errors="surrogateescape"
 
 
@@ -71,13 +120,22 @@ class Row:
         return not any(i.severity == "error" for i in self.issues)
 
 
+def plural(n: int, word: str) -> str:
+    """ "1 row", "2 rows"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------------
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Every row of a file, parsed; rows that cannot be parsed carry an error issue."""
+def read_rows(path: str | Path, columns: dict[str, str] | None = None) -> list[Row]:
+    """Every row of a file, parsed; rows that cannot be parsed carry an error issue.
+
+    columns: {our field name: the file's column} (see COLUMNS, MESSAGE_KEYS), applied to every
+    row, so detection and checks see our names (issues are reported under the file's names by
+    `to_conversation(columns=...)`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
@@ -86,36 +144,134 @@ def read_rows(path: str | Path) -> list[Row]:
         raise DataError(
             f"{path}: unsupported file type {path.suffix!r} (use {', '.join(SUFFIXES)})"
         )
+    check_columns(columns)
     if kind == "parquet":
-        return _read_parquet(path)
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    if kind == "csv":
-        return _read_csv(path, text)
-    if kind == "json" and not _looks_like_json_lines(text):
-        return _read_json_array(path, text)
-    return _read_jsonl(path, text)
+        rows = _read_parquet(path)
+    else:
+        raw = path.read_bytes()
+        _refuse_other_encodings(path, raw)
+        bom = len(_UTF8_BOM) if raw.startswith(_UTF8_BOM) else 0  # UTF-8 with BOM is fine
+        text = _Text(raw[bom:].decode("utf-8", errors="surrogateescape"), bom)
+        if kind == "csv":
+            rows = _read_csv(path, text)
+        elif kind == "json" and not _looks_like_json_lines(text.text):
+            rows = _read_json_array(path, text)
+        else:
+            rows = _read_jsonl(path, text)
+    for row in rows:
+        if isinstance(row.data, dict):
+            row.data = _rename(row.data, columns)
+            if kind == "csv":
+                _decode_csv_lists(row)
+    return rows
 
 
-def _bad_bytes(text: str) -> str | None:
-    """'0xff at column 7' for the first undecodable byte, or None if the text is valid UTF-8."""
-    m = _SURROGATE.search(text)
-    if m is None:
-        return None
-    return f"0x{ord(m.group()) - 0xDC00:02x} at column {m.start() + 1}"
+def check_columns(columns: dict[str, str] | None) -> None:
+    """A `columns` mapping must name our fields and the file's columns as strings."""
+    for ours, theirs in (columns or {}).items():
+        if ours not in COLUMNS + MESSAGE_KEYS:
+            known = ", ".join(COLUMNS + MESSAGE_KEYS)
+            raise DataError(f"columns: unknown field {ours!r} (expected one of {known})")
+        if not isinstance(theirs, str) or not theirs.strip():
+            raise DataError(f"columns: {ours}: got {theirs!r}, must be a column name")
 
 
-def _utf8_issue(where: str, text: str) -> Issue | None:
-    bad = _bad_bytes(text)
-    return Issue(where, f"not valid UTF-8 (byte {bad})") if bad else None
+def _rename(data: dict, columns: dict[str, str] | None) -> dict:
+    """The row with the file's column names replaced by ours (a mapped column wins over one
+    already named like ours)."""
+    if not columns:
+        return data
+    top = {theirs: ours for ours, theirs in columns.items() if ours in COLUMNS}
+    inner = {theirs: ours for ours, theirs in columns.items() if ours in MESSAGE_KEYS}
+    out = {k: v for k, v in data.items() if k not in top and k not in top.values()}
+    out.update({top[k]: v for k, v in data.items() if k in top})
+    if inner:
+        for key in ("messages", "conversations"):
+            if isinstance(out.get(key), list):
+                out[key] = [_rename_message(m, inner) for m in out[key]]
+    return out
 
 
-def _read_jsonl(path: Path, text: str) -> list[Row]:
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
+def _rename_message(message: object, inner: dict[str, str]) -> object:
+    if not isinstance(message, dict):
+        return message
+    out = {k: v for k, v in message.items() if k not in inner and k not in inner.values()}
+    out.update({inner[k]: v for k, v in message.items() if k in inner})
+    return out
+
+
+def _refuse_other_encodings(path: Path, raw: bytes) -> None:
+    """UTF-16/32 (with or without a byte-order mark) in one line, instead of every row failing
+    and the format check reporting "no columns"."""
+    for bom, name in _BOMS:
+        if raw.startswith(bom):
+            marks = " ".join(f"{b:02X}" for b in bom)
+            raise DataError(
+                f"{path}: the file is {name} (byte-order mark {marks}), not UTF-8; save it as UTF-8"
+            )
+    head = raw[:512]
+    if len(head) >= 8 and b"\x00" in head:
+        # ASCII text in UTF-16 has a NUL in every other byte: odd positions for LE, even for BE.
+        odd, even = head[1::2].count(0), head[0::2].count(0)
+        half = len(head) // 2
+        name = "UTF-16 LE" if odd > 0.8 * half and not even else None
+        name = "UTF-16 BE" if even > 0.8 * half and not odd else name
+        if name:
+            raise DataError(
+                f"{path}: the file looks like {name} (no byte-order mark; NUL every other "
+                "byte), not UTF-8; save it as UTF-8"
+            )
+
+
+class _Text:
+    """The decoded file with what non-UTF-8 bytes need to be reported: line, column, and the
+    offset in the file's bytes (undecodable bytes are kept as surrogates)."""
+
+    def __init__(self, text: str, base: int = 0):
+        self.text, self.base = text, base
+        self._starts: list[int] | None = None
+        self._cursor = (0, base)  # (character index, its byte offset): readers go forward
+
+    def line_start(self, line: int) -> int:
+        """Index of the first character of a 1-based line."""
+        starts = self.line_starts()
+        return starts[line - 1] if line <= len(starts) else len(self.text)
+
+    def line_starts(self) -> list[int]:
+        """Index of the first character of each line."""
+        if self._starts is None:
+            self._starts = [0] + [m.end() for m in re.finditer("\n", self.text)]
+        return self._starts
+
+    def _offset(self, i: int) -> int:
+        char, byte = self._cursor if i >= self._cursor[0] else (0, self.base)
+        byte += len(self.text[char:i].encode("utf-8", errors="surrogateescape"))
+        self._cursor = (i, byte)
+        return byte
+
+    def bad_byte(self, where: str, lo: int, hi: int) -> Issue | None:
+        """An issue naming the first undecodable byte in text[lo:hi], or None."""
+        m = _SURROGATE.search(self.text, lo, hi)
+        if m is None:
+            return None
+        i = m.start()
+        line = bisect_right(self.line_starts(), i)
+        column = i - self.line_starts()[line - 1] + 1
+        return Issue(
+            where,
+            f"not valid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x} at line {line}, column "
+            f"{column}, file offset {self._offset(i)}); save the file as UTF-8",
+        )
+
+
+def _read_jsonl(path: Path, text: _Text) -> list[Row]:
+    rows, start = [], 0
+    for number, line in enumerate(text.text.split("\n"), start=1):
+        lo, start = start, start + len(line) + 1
         if not line.strip():
             continue  # blank lines are not rows
         row = Row(f"{path}:{number}", line)
-        issue = _utf8_issue(row.where, line)
+        issue = text.bad_byte(row.where, lo, lo + len(line))
         if issue is None:
             try:
                 row.data = json.loads(line)
@@ -139,57 +295,63 @@ def _looks_like_json_lines(text: str) -> bool:
         return False
 
 
-def _read_json_array(path: Path, text: str) -> list[Row]:
-    """A JSON array of objects, parsed element by element so each row knows its line."""
-    decoder, rows = json.JSONDecoder(), []
-    line, pos = 1, 0
+def _read_json_array(path: Path, text: _Text) -> list[Row]:
+    """A JSON array of objects, parsed element by element so each row knows its line.
+
+    A syntax error anywhere refuses the whole file (DataError naming its line and column): past
+    it nothing can be read reliably, and keeping the rows before it would drop the rest silently
+    (a missing comma in row 7 of 62 once trained on 6 rows)."""
+    source, decoder, rows = text.text, json.JSONDecoder(), []
 
     def skip(i: int) -> int:
-        while i < len(text) and text[i] in " \t\r\n":
+        while i < len(source) and source[i] in " \t\r\n":
             i += 1
         return i
 
-    def line_at(i: int) -> int:
-        nonlocal line, pos
-        line += text.count("\n", pos, i)
-        pos = i
-        return line
+    def line_col(i: int) -> tuple[int, int]:
+        starts = text.line_starts()
+        line = bisect_right(starts, i)
+        return line, i - starts[line - 1] + 1
+
+    def refuse(i: int, msg: str) -> DataError:
+        line, col = line_col(i)
+        return DataError(
+            f"{path}:{line}:{col}: invalid JSON ({msg}): the whole file is unreadable "
+            f"({plural(len(rows), 'row')} parsed before the error); fix it, or save one object "
+            "per line (JSON Lines), where --skip-invalid can drop a bad line"
+        )
 
     i = skip(0)
-    if i >= len(text) or text[i] != "[":
-        raise DataError(f"{path}:{line_at(i)}: expected a JSON array of objects ([{{...}}, ...])")
+    if i >= len(source) or source[i] != "[":
+        line, _ = line_col(i)
+        raise DataError(f"{path}:{line}: expected a JSON array of objects ([{{...}}, ...])")
     i = skip(i + 1)
-    if i < len(text) and text[i] == "]":
+    if i < len(source) and source[i] == "]":
         return rows
     while True:
-        where = f"{path}:{line_at(i)}"
         try:
-            value, end = decoder.raw_decode(text, i)
+            value, end = decoder.raw_decode(source, i)
         except json.JSONDecodeError as e:
-            rows.append(Row(where, text[i : i + 200], issues=[Issue(where, _json_stop(e))]))
-            return rows
-        row = Row(where, text[i:end], value)
-        issue = _utf8_issue(where, text[i:end])
+            raise refuse(e.pos, f"{e.msg} in row {len(rows) + 1}") from None
+        where = f"{path}:{line_col(i)[0]}"
+        row = Row(where, source[i:end], value)
+        issue = text.bad_byte(where, i, end)
         if issue:
             row.issues.append(issue)
         rows.append(row)
         i = skip(end)
-        if i < len(text) and text[i] == ",":
+        if i < len(source) and source[i] == ",":
             i = skip(i + 1)
-        elif i < len(text) and text[i] == "]":
+        elif i < len(source) and source[i] == "]":
+            if skip(i + 1) < len(source):
+                raise refuse(skip(i + 1), "text after the closing ']'")
             return rows
         else:
-            msg = "invalid JSON (expected ',' or ']' after the row); later rows were not read"
-            rows.append(Row(f"{path}:{line_at(i)}", text[i : i + 200], issues=[Issue(where, msg)]))
-            return rows
+            raise refuse(i, f"expected ',' or ']' after row {len(rows)}")
 
 
-def _json_stop(e: json.JSONDecodeError) -> str:
-    return f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); later rows were not read"
-
-
-def _read_csv(path: Path, text: str) -> list[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _read_csv(path: Path, text: _Text) -> list[Row]:
+    reader = csv.reader(io.StringIO(text.text, newline=""))
     try:
         header = next(reader)
     except StopIteration:
@@ -199,25 +361,30 @@ def _read_csv(path: Path, text: str) -> list[Row]:
     for values in reader:
         where = f"{path}:{start}"
         raw = ",".join(values)
-        start = reader.line_num + 1
+        first, start = start, reader.line_num + 1
         if not any(v.strip() for v in values):
             continue
         row = Row(where, raw)
-        issue = _utf8_issue(where, raw)
+        issue = text.bad_byte(where, text.line_start(first), text.line_start(start))
         if issue is None and len(values) != len(header):
             issue = Issue(where, f"has {len(values)} columns, the header has {len(header)}")
         if issue:
             row.issues.append(issue)
         else:
             row.data = dict(zip(header, values, strict=True))
-            # A list-valued column in CSV is JSON text; decode it so the format checks apply.
-            if row.data.get("messages", "").strip():
-                try:
-                    row.data["messages"] = json.loads(row.data["messages"])
-                except json.JSONDecodeError as e:
-                    row.issues.append(Issue(where, f"not valid JSON ({e.msg})", "messages"))
         rows.append(row)
     return rows
+
+
+def _decode_csv_lists(row: Row) -> None:
+    """A list-valued column in CSV is JSON text; decode it so the format checks apply."""
+    for key in _LIST_COLUMNS:
+        value = row.data.get(key)
+        if isinstance(value, str) and value.strip():
+            try:
+                row.data[key] = json.loads(value)
+            except json.JSONDecodeError as e:
+                row.issues.append(Issue(row.where, f"not valid JSON ({e.msg})", key))
 
 
 def _read_parquet(path: Path) -> list[Row]:
@@ -269,7 +436,8 @@ def detect_format(rows: list[Row], where: str) -> str:
         found = ", ".join(sorted(columns)) or "none"
         raise DataError(
             f"{where}: cannot tell the format from the columns ({found}); expected messages, "
-            "instruction+output (alpaca), prompt+completion or text — or pass --format"
+            "conversations (sharegpt), instruction+output (alpaca), prompt+completion or text "
+            "— or pass --format, or map your columns"
         )
     return max(SIGNATURES, key=lambda fmt: votes[fmt])
 
@@ -302,88 +470,212 @@ def _string(data: dict, key: str, where: str, issues: list[Issue], required: boo
     return value
 
 
-def _messages(data: dict, where: str, issues: list[Issue]) -> list[dict] | None:
-    if "messages" not in data:
-        issues.append(Issue(where, "missing field", "messages"))
+def check_roles(roles: dict[str, str] | None) -> None:
+    """A `roles` mapping must map names to system, user or assistant."""
+    for theirs, ours in (roles or {}).items():
+        if ours not in ROLES:
+            raise DataError(f"roles: {theirs}: got {ours!r}, must be one of {', '.join(ROLES)}")
+
+
+def _turns(
+    data: dict, key: str, where: str, issues: list[Issue], known: dict[str, str]
+) -> list[dict] | None:
+    """The list of turns under `key` as clean messages ({"role", "content"}, plus "weight": 0 on
+    an assistant turn that is context only), or None with issues.
+
+    Messages are {"role", "content"}; under `conversations` (ShareGPT) {"from", "value"} too.
+    `known` maps every accepted role name to ours."""
+    if key not in data:
+        issues.append(Issue(where, "missing field", key))
         return None
-    messages = data["messages"]
-    if not isinstance(messages, list):
-        msg = f"wrong type: expected an array of messages, got {_type_name(messages)}"
-        issues.append(Issue(where, msg, "messages"))
+    turns = data[key]
+    if not isinstance(turns, list):
+        issues.append(Issue(where, f"wrong type: expected an array of messages, got "
+                                   f"{_type_name(turns)}", key))  # fmt: skip
         return None
-    if not messages:
-        issues.append(Issue(where, "empty conversation", "messages"))
+    if not turns:
+        issues.append(Issue(where, "empty conversation", key))
         return None
     clean, before = [], len(issues)
-    for i, message in enumerate(messages):
-        name = f"messages[{i}]"
+    for i, message in enumerate(turns):
+        name = f"{key}[{i}]"
         if not isinstance(message, dict):
             got = _type_name(message)
             issues.append(Issue(where, f"wrong type: expected an object, got {got}", name))
             continue
-        role = message.get("role")
-        if "role" not in message:
-            issues.append(Issue(where, "missing field", f"{name}.role"))
-        elif role not in ROLES:
-            known = ", ".join(ROLES)
-            issues.append(Issue(where, f"unknown role {role!r} (expected {known})", f"{name}.role"))
+        sharegpt = key == "conversations" and "role" not in message and "content" not in message
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        role = known.get(message.get(role_key)) if isinstance(message.get(role_key), str) else None
+        if role_key not in message:
+            issues.append(Issue(where, "missing field", f"{name}.{role_key}"))
+        elif role is None and message[role_key] in TOOL_ROLES:
+            msg = (
+                f"tool turn {message[role_key]!r} is not supported (the chat template has no "
+                "tool role); drop the row or map the role with `roles`"
+            )
+            issues.append(Issue(where, msg, f"{name}.{role_key}"))
+        elif role is None:
+            expected = ", ".join(dict.fromkeys(known))
+            msg = (
+                f"unknown role {message[role_key]!r} (expected {expected}, or map it with `roles`)"
+            )
+            issues.append(Issue(where, msg, f"{name}.{role_key}"))
         what = "empty completion" if role == "assistant" else "empty message"
-        content = message.get("content")
-        if "content" not in message:
-            issues.append(Issue(where, "missing field", f"{name}.content"))
-        elif not isinstance(message["content"], str):
-            got = _type_name(message["content"])
-            msg = f"wrong type: expected a string, got {got}"
-            issues.append(Issue(where, msg, f"{name}.content"))
-        elif not message["content"].strip():
-            issues.append(Issue(where, what, f"{name}.content"))
-        clean.append({"role": role, "content": content})
+        content = message.get(content_key)
+        if content_key not in message:
+            issues.append(Issue(where, "missing field", f"{name}.{content_key}"))
+        elif not isinstance(content, str):
+            msg = f"wrong type: expected a string, got {_type_name(content)}"
+            issues.append(Issue(where, msg, f"{name}.{content_key}"))
+        elif not content.strip():
+            issues.append(Issue(where, what, f"{name}.{content_key}"))
+        turn = {"role": role, "content": content}
+        weight = _weight(message, role, f"{name}.weight", where, issues)
+        if weight == 0:
+            turn["weight"] = 0  # only the exception is recorded: absent means trained
+        clean.append(turn)
     if len(issues) > before:
-        return None
-    if clean[-1]["role"] != "assistant":
-        msg = f"the last turn is {clean[-1]['role']!r}: a conversation must end with an assistant turn"
-        issues.append(Issue(where, msg, "messages"))
-        return None
-    if all(m["role"] == "assistant" for m in clean):
-        issues.append(Issue(where, "no user turn before the assistant's answer", "messages"))
         return None
     return clean
 
 
-def to_conversation(data: object, fmt: str, where: str) -> tuple[list[dict] | str | None, list]:
-    """A row as messages (or plain text for the text format), plus its issues."""
+def _weight(message: dict, role: str | None, name: str, where: str, issues: list[Issue]):
+    """OpenAI's per-message weight: 0 (context only) or 1 (trained), assistant turns only."""
+    if "weight" not in message or message["weight"] is None:
+        return 1
+    weight = message["weight"]
+    if isinstance(weight, bool) or weight not in (0, 1):
+        issues.append(Issue(where, f"got {weight!r}, must be 0 or 1", name))
+        return None
+    if role is not None and role != "assistant":  # an unknown role is reported already
+        issues.append(Issue(where, "only assistant turns have a weight", name))
+        return None
+    return int(weight)
+
+
+def _usable_conversation(clean: list[dict], key: str, where: str, issues: list[Issue]) -> bool:
+    """The checks every conversation passes: ends with an answer, has a question, trains on
+    something. False (with an issue) if not."""
+    if clean[-1]["role"] != "assistant":
+        msg = f"the last turn is {clean[-1]['role']!r}: a conversation must end with an assistant turn"
+        issues.append(Issue(where, msg, key))
+        return False
+    if all(m["role"] == "assistant" for m in clean):
+        issues.append(Issue(where, "no user turn before the assistant's answer", key))
+        return False
+    if all(m.get("weight") == 0 for m in clean if m["role"] == "assistant"):
+        issues.append(Issue(where, "every assistant turn has weight 0: nothing to train on", key))
+        return False
+    return True
+
+
+def _history(data: dict, where: str, issues: list[Issue]) -> list[dict] | None:
+    """Alpaca `history`: [[instruction, response], ...] before the current turn, as messages."""
+    history = data.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        got = _type_name(history)
+        issues.append(Issue(where, f"wrong type: expected an array of pairs, got {got}", "history"))
+        return None
+    turns, before = [], len(issues)
+    for i, pair in enumerate(history):
+        name = f"history[{i}]"
+        if not isinstance(pair, list) or len(pair) != 2:
+            got = f"{len(pair)} items" if isinstance(pair, list) else _type_name(pair)
+            msg = f"expected an [instruction, response] pair, got {got}"
+            issues.append(Issue(where, msg, name))
+            continue
+        for j, (role, text) in enumerate(zip(("user", "assistant"), pair, strict=True)):
+            if not isinstance(text, str):
+                msg = f"wrong type: expected a string, got {_type_name(text)}"
+                issues.append(Issue(where, msg, f"{name}[{j}]"))
+            elif not text.strip():
+                issues.append(Issue(where, "empty message", f"{name}[{j}]"))
+            else:
+                turns.append({"role": role, "content": text})
+    return None if len(issues) > before else turns
+
+
+def to_conversation(
+    data: object,
+    fmt: str,
+    where: str,
+    roles: dict[str, str] | None = None,
+    columns: dict[str, str] | None = None,
+) -> tuple[list[dict] | str | None, list]:
+    """A row as messages (or plain text for the text format), plus its issues.
+
+    roles: extra role names ({"bot": "assistant"}), for messages and sharegpt. columns: the
+    mapping the row was read with (`read_rows`), so issues name the file's own columns."""
     issues: list[Issue] = []
+    conversation = _convert(data, fmt, where, issues, roles or {})
+    if columns:
+        for issue in issues:
+            issue.field = _file_field(issue.field, columns)
+    return conversation, issues
+
+
+def _convert(data: object, fmt: str, where: str, issues: list[Issue], roles: dict[str, str]):
     if not isinstance(data, dict):
         issues.append(Issue(where, f"expected a JSON object, got {_type_name(data)}"))
-        return None, issues
+        return None
     if fmt == "text":
-        return _string(data, "text", where, issues), issues
+        return _string(data, "text", where, issues)
     if fmt == "messages":
-        return _messages(data, where, issues), issues
+        clean = _turns(data, "messages", where, issues, {**{r: r for r in ROLES}, **roles})
+        return clean if clean and _usable_conversation(clean, "messages", where, issues) else None
+    if fmt == "sharegpt":
+        system = _string(data, "system", where, issues, required=False)
+        clean = _turns(data, "conversations", where, issues, {**SHAREGPT_ROLES, **roles})
+        if clean is None or system is None:
+            return None
+        if system.strip():
+            if clean[0]["role"] == "system" and clean[0]["content"] != system:
+                msg = "a system turn and a different top-level system: keep one"
+                issues.append(Issue(where, msg, "system"))
+                return None
+            if clean[0]["role"] != "system":
+                clean = [{"role": "system", "content": system}, *clean]
+        return clean if _usable_conversation(clean, "conversations", where, issues) else None
     if fmt == "alpaca":
         instruction = _string(data, "instruction", where, issues)
         extra = _string(data, "input", where, issues, required=False)
         system = _string(data, "system", where, issues, required=False)
+        history = _history(data, where, issues)
         output = _string(data, "output", where, issues, what="empty completion")
         if issues:
-            return None, issues
+            return None
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         conversation = [{"role": "system", "content": system}] if system else []
         return [
             *conversation,
+            *history,
             {"role": "user", "content": user},
             {"role": "assistant", "content": output},
-        ], issues
+        ]
     if fmt == "prompt_completion":
         prompt = _string(data, "prompt", where, issues)
         completion = _string(data, "completion", where, issues, what="empty completion")
         if issues:
-            return None, issues
+            return None
         return [
             {"role": "user", "content": prompt},
             {"role": "assistant", "content": completion},
-        ], issues
+        ]
     raise DataError(f"unknown format {fmt!r} (expected {', '.join(FORMATS)} or auto)")
+
+
+def _file_field(name: str | None, columns: dict[str, str]) -> str | None:
+    """An issue's field in the file's own names: "messages[1].content" -> "dialog[1].text"."""
+    if not name:
+        return name
+    head, dot, inner = name.partition(".")
+    base, bracket, index = head.partition("[")
+    base = columns.get(base, base) if base in COLUMNS else base
+    if dot:
+        inner = columns.get(inner, inner) if inner in MESSAGE_KEYS else inner
+    return f"{base}{bracket}{index}{dot}{inner}"
 
 
 def mark_duplicates(rows: list[Row], conversations: list) -> None:

@@ -33,15 +33,27 @@ class Encoded:
         return [t if keep else -100 for t, keep in zip(self.input_ids, self.trained, strict=True)]
 
 
-def trained_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans of every assistant answer."""
-    text = _render(tokenizer, messages)
-    spans = []
+def _plain(messages: list[dict]) -> list[dict]:
+    """The messages as the chat template sees them: our `weight` mark is not for the template."""
+    return [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+
+
+def trained_spans(
+    tokenizer, messages: list[dict]
+) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """The rendered text, the character spans of the answers trained on, and those of the
+    answers that are context only (`"weight": 0`, OpenAI's per-message weight).
+
+    core.chat_format.encode_conversation's {% generation %} mask marks every answer alike, so
+    the weights are applied here, on the spans each answer renders to."""
+    plain = _plain(messages)
+    text = _render(tokenizer, plain)
+    spans, context = [], []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1])
+        before = _render(tokenizer, plain[:i], generation_prompt=True) if i else ""
+        upto = _render(tokenizer, plain[: i + 1])
         if not (upto.startswith(before) and text.startswith(upto)):
             raise RenderError(
                 "the chat template does not render turn by turn (a prefix of the conversation "
@@ -50,12 +62,13 @@ def trained_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int,
         end = len(upto)
         while end > len(before) and upto[end - 1].isspace():
             end -= 1  # the newline after the end-of-turn marker is layout, not the answer
-        spans.append((len(before), end))
-    return text, spans
+        (context if message.get("weight") == 0 else spans).append((len(before), end))
+    return text, spans, context
 
 
 def encode(tokenizer, conversation: list[dict] | str, train_on_prompt: bool = False) -> Encoded:
-    """Token ids and loss mask of one row (a conversation, or plain text for the text format)."""
+    """Token ids and loss mask of one row (a conversation, or plain text for the text format).
+    train_on_prompt trains on every token except answers with weight 0 (context by request)."""
     if isinstance(conversation, str):
         ids = tokenizer(conversation, add_special_tokens=True)["input_ids"]
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -64,10 +77,14 @@ def encode(tokenizer, conversation: list[dict] | str, train_on_prompt: bool = Fa
         if eos is not None:
             ids = [*ids, eos]  # ... and ends with EOS, so the model learns to stop
         return Encoded(ids, [True] * len(ids))
-    text, spans = trained_spans(tokenizer, conversation)
+    text, spans, context = trained_spans(tokenizer, conversation)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+
+    def inside(start: int, found: list[tuple[int, int]]) -> bool:
+        return any(lo <= start < hi for lo, hi in found)
+
     trained = [
-        train_on_prompt or any(lo <= start < hi for lo, hi in spans)
+        not inside(start, context) and (train_on_prompt or inside(start, spans))
         for start, _ in enc["offset_mapping"]
     ]
     return Encoded(list(enc["input_ids"]), trained)
@@ -83,9 +100,8 @@ def held_out_prompt(
         ids = encode(tokenizer, conversation).input_ids
         rest = tokenizer.decode(ids[prompt_tokens:], skip_special_tokens=True)
         return tokenizer.decode(ids[:prompt_tokens]), rest
-    return _render(tokenizer, conversation[:-1], generation_prompt=True), conversation[-1][
-        "content"
-    ]
+    prompt = _render(tokenizer, _plain(conversation[:-1]), generation_prompt=True)
+    return prompt, conversation[-1]["content"]
 
 
 def preview(tokenizer, encoded: Encoded, color: bool = False) -> str:

@@ -436,7 +436,7 @@ CASES = [
     ("finetune-data-empty", "finetune --check --data {empty}", "{empty}: no rows", FAIL),
     ("finetune-data-binary", "finetune --check --data {binary}", "not a dataset", FAIL),
     ("finetune-data-suffix", "finetune --check --data {ft_txt}", "unsupported file type", FAIL),
-    ("finetune-bad-rows", "finetune --check --data {ft_rows}", "1 invalid rows", FAIL),
+    ("finetune-bad-rows", "finetune --check --data {ft_rows}", "1 invalid row", FAIL),
     (
         "finetune-no-format",
         "finetune --check --data {sft_nokey}",
@@ -542,7 +542,7 @@ CASES = [
         "dataset file not found",
         FAIL,
     ),
-    ("dry-run-bad-rows", "finetune --dry-run --data {ft_rows}", "1 invalid rows", FAIL),
+    ("dry-run-bad-rows", "finetune --dry-run --data {ft_rows}", "1 invalid row", FAIL),
     (
         "dry-run-eval-data-empty",
         "finetune --dry-run --data {ft_good} --eval-data {empty}",

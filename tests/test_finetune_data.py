@@ -4,6 +4,7 @@ format and file type is read, and the loss mask covers exactly the answers."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,8 +14,8 @@ import pytest
 from core.chat_format import stop_ids
 from core.models import resolve_model_path
 from finetune.config import FinetuneConfig
-from finetune.data import DataError
-from finetune.lint import check_file
+from finetune.data import DataError, read_rows
+from finetune.lint import check_file, check_structure, lint_structure, report_lines
 from finetune.modeling import load_tokenizer
 from finetune.render import DEFAULT_CHAT_TEMPLATE, encode, ensure_chat_template
 from finetune.train import prepare_data
@@ -49,7 +50,7 @@ def test_linter_catches_every_kind_of_bad_row_with_its_line(tokenizer):
         6: "messages[1].role: unknown role 'bot'",
         7: "the last turn is 'user': a conversation must end with an assistant turn",
         8: "longer than max_length 128",
-        9: "not valid UTF-8 (byte 0xe9",
+        9: "not valid UTF-8 (byte 0xe9 at line 9, column 47, file offset 1719)",
         10: "warning: duplicate of line 1",
         11: "messages[0].content: wrong type: expected a string, got number",
     }
@@ -97,14 +98,19 @@ def test_json_array_rows_know_their_lines_and_bad_json_stops_with_its_line(tmp_p
         4: [f"{path}:4: text: wrong type: expected a string, got number"]
     }
     path.write_text('[\n  {"text": "ok"},\n  {"text": "broken"\n  {"text": "x"}\n]\n')
-    found = issues_by_line(check_file(path, tokenizer))
-    assert list(found) == [3] and "invalid JSON" in found[3][0]
+    with pytest.raises(
+        DataError,
+        match=rf"^{path}:4:3: invalid JSON \(Expecting ',' delimiter in row 2\): the whole file is "
+        r"unreadable \(1 row parsed before the error\)",
+    ):
+        check_file(path, tokenizer)
 
 
 def test_every_example_file_is_valid_and_its_format_detected(tokenizer):
     formats = {
         "tutor_chat.jsonl": "messages",
         "tutor_alpaca.json": "alpaca",
+        "tutor_sharegpt.json": "sharegpt",
         "tutor_prompt_completion.csv": "prompt_completion",
         "tutor_text.parquet": "text",
     }
@@ -172,16 +178,23 @@ def test_default_template_for_models_without_one(tokenizer):
 
 
 def test_skip_invalid_writes_rejects_and_keeps_the_rest(tmp_path):
-    cfg = FinetuneConfig(data=str(BROKEN), output_dir=str(tmp_path), skip_invalid=True)
+    # broken.jsonl's 9 bad rows among the 141 good chat rows: 6%, under the 10% limit
+    data_file = tmp_path / "mixed.jsonl"
+    good = (EXAMPLES / "tutor_chat.jsonl").read_bytes()
+    data_file.write_bytes(good + BROKEN.read_bytes())
+    offset = good.count(b"\n")
+    cfg = FinetuneConfig(data=str(data_file), output_dir=str(tmp_path), skip_invalid=True)
     lines: list[str] = []
     data = prepare_data(cfg, lines.append)
     rejects = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
-    assert [r["where"].rsplit(":", 1)[1] for r in rejects] == [str(n) for n in range(2, 10)] + [
-        "11"
-    ]
+    assert [int(r["where"].rsplit(":", 1)[1]) - offset for r in rejects] == [*range(2, 10), 11]
     assert rejects[0]["errors"][0].startswith("invalid JSON")
-    assert len(data.train) + len(data.eval) == 3
-    assert any("skipped 9 invalid rows" in line for line in lines)
+    assert len(data.train) + len(data.eval) == 144
+    assert any("skipped 9 of 153 rows as invalid" in line for line in lines), lines
+    # broken.jsonl alone: 9 of 12 rows bad is a broken file, not a few bad rows
+    cfg = FinetuneConfig(data=str(BROKEN), output_dir=str(tmp_path), skip_invalid=True)
+    with pytest.raises(DataError, match=r"9 of 12 rows invalid \(75%\), more than the 10%"):
+        prepare_data(cfg, lines.append)
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +255,217 @@ def test_model_spec_errors_name_the_model(monkeypatch):
     with pytest.raises(ModelSpecError, match="unknown model"):
         resolve_model("./no/such/folder")
     assert resolve_model("tutor-base") == str(resolve_model_path("tutor-base"))
+
+
+# --- formats and mappings ---------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def trained_text(tokenizer, encoded) -> str:
+    ids = [t for t, keep in zip(encoded.input_ids, encoded.trained, strict=True) if keep]
+    return tokenizer.decode(ids)
+
+
+def test_sharegpt_rows_with_system_and_role_mapping(tmp_path, tokenizer):
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": "What is a lamb?"},
+                {"from": "gpt", "value": "A lamb is a young sheep."},
+            ],
+            "system": "Be brief.",
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "What is the weather?"},
+                {"from": "function_call", "value": '{"name": "weather"}'},
+                {"from": "gpt", "value": "Sunny."},
+            ]
+        },
+        {"conversations": [{"from": "bot", "value": "Hello."}]},
+    ]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    check = check_file(path, tokenizer)
+    assert check.format == "sharegpt" and check.detected
+    assert check.conversations[0] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a lamb?"},
+        {"role": "assistant", "content": "A lamb is a young sheep."},
+    ]
+    assert trained_text(tokenizer, check.examples[0]) == "A lamb is a young sheep.<|end|>"
+    found = issues_by_line(check)
+    assert "conversations[1].from: tool turn 'function_call' is not supported" in found[2][0]
+    assert "conversations[0].from: unknown role 'bot'" in found[3][0]
+
+    # Another layout: its own column and key names, and its own speaker names.
+    other = [
+        {
+            "dialog": [
+                {"speaker": "customer", "text": "What is a foal?"},
+                {"speaker": "agent", "text": "A foal is a young horse."},
+            ]
+        },
+        {"dialog": [{"speaker": "customer", "text": "Hi"}, {"speaker": "agent"}]},
+    ]
+    path = write_jsonl(tmp_path / "other.jsonl", other)
+    columns = {"conversations": "dialog", "role": "speaker", "content": "text"}
+    roles = {"customer": "user", "agent": "assistant"}
+    check = check_file(path, tokenizer, columns=columns, roles=roles)
+    assert check.format == "sharegpt"
+    assert check.conversations[0][1] == {"role": "assistant", "content": "A foal is a young horse."}
+    assert issues_by_line(check) == {2: [f"{path}:2: dialog[1].text: missing field"]}
+    with pytest.raises(DataError, match=r"^roles: agent: got 'bot', must be one of system"):
+        check_file(path, tokenizer, columns=columns, roles={"agent": "bot"})
+    with pytest.raises(DataError, match=r"^columns: unknown field 'answer'"):
+        check_file(path, tokenizer, columns={"answer": "text"})
+
+
+def test_alpaca_history_becomes_the_earlier_turns(tmp_path, tokenizer):
+    row = {
+        "instruction": "And a kitten?",
+        "input": "",
+        "output": "A kitten is a young cat.",
+        "history": [["What is a puppy?", "A puppy is a young dog."]],
+    }
+    bad = {**row, "history": [["What is a puppy?"]]}
+    path = write_jsonl(tmp_path / "h.jsonl", [row, bad])
+    check = check_file(path, tokenizer)
+    assert check.format == "alpaca"
+    assert [m["content"] for m in check.conversations[0]] == [
+        "What is a puppy?",
+        "A puppy is a young dog.",
+        "And a kitten?",
+        "A kitten is a young cat.",
+    ]
+    # Every answer of a conversation is trained on (as in the messages format); questions not.
+    assert trained_text(tokenizer, check.examples[0]) == (
+        "A puppy is a young dog.<|end|>A kitten is a young cat.<|end|>"
+    )
+    assert issues_by_line(check) == {
+        2: [f"{path}:2: history[0]: expected an [instruction, response] pair, got 1 items"]
+    }
+
+
+def test_openai_weight_zero_answers_are_context_only(tmp_path, tokenizer):
+    conversation = [
+        {"role": "user", "content": "What is a lamb?"},
+        {"role": "assistant", "content": "A lamb is a young cow.", "weight": 0},
+        {"role": "user", "content": "No, try again."},
+        {"role": "assistant", "content": "A lamb is a young sheep.", "weight": 1},
+    ]
+    rows = [
+        {"messages": conversation},
+        {"messages": [conversation[0], {**conversation[1], "weight": 2}]},
+        {"messages": [{**conversation[0], "weight": 0}, conversation[3]]},
+        {"messages": conversation[:2]},
+    ]
+    check = check_file(write_jsonl(tmp_path / "w.jsonl", rows), tokenizer)
+    assert check.conversations[0][1]["weight"] == 0 and "weight" not in check.conversations[0][3]
+    encoded = check.examples[0]
+    assert trained_text(tokenizer, encoded) == "A lamb is a young sheep.<|end|>"
+    # The weight-0 answer's tokens are all IGNORE in the labels, even when training on prompts.
+    context = tokenizer.encode("A lamb is a young cow.", add_special_tokens=False)
+    for train_on_prompt in (False, True):
+        enc = encode(tokenizer, check.conversations[0], train_on_prompt)
+        start = next(
+            i for i in range(len(enc.input_ids)) if enc.input_ids[i : i + len(context)] == context
+        )
+        assert set(enc.labels()[start : start + len(context) + 1]) == {-100}  # + <|end|>
+        assert enc.num_trained >= encoded.num_trained
+    found = issues_by_line(check)
+    assert "messages[1].weight: got 2, must be 0 or 1" in found[2][0]
+    assert "messages[0].weight: only assistant turns have a weight" in found[3][0]
+    assert "every assistant turn has weight 0: nothing to train on" in found[4][0]
+
+
+# --- reading files: nothing lost silently -----------------------------------------------------
+
+
+def test_json_array_with_a_missing_comma_is_refused_whole(tmp_path):
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(62)]
+    text = json.dumps(rows, indent=2)
+    sixth = text.index('"Question 6?"') - text[: text.index('"Question 6?"')][::-1].index(",") - 1
+    path = tmp_path / "a.json"
+    path.write_text(text[:sixth] + text[sixth + 1 :])  # the comma after row 6 gone
+    line = text[:sixth].count("\n") + 2  # row 7 starts on the next line
+    with pytest.raises(
+        DataError,
+        match=rf"^{path}:{line}:3: invalid JSON \(expected ',' or ']' after row 6\): the whole "
+        r"file is unreadable \(6 rows parsed before the error\)",
+    ):
+        lint_structure([str(path)], "auto", True, print)  # --skip-invalid does not salvage it
+
+
+def test_other_encodings_and_bad_bytes_are_named(tmp_path):
+    row = json.dumps({"prompt": "Hi", "completion": "Hello."}) + "\n"
+    cases = {
+        "utf-16": "UTF-16 LE (byte-order mark FF FE)",
+        "utf-16-be": "looks like UTF-16 BE (no byte-order mark",
+        "utf-32": "UTF-32 LE (byte-order mark FF FE 00 00)",
+    }
+    for encoding, name in cases.items():
+        path = tmp_path / f"{encoding}.jsonl"
+        path.write_bytes(row.encode(encoding))
+        with pytest.raises(DataError, match=rf"^{path}: the file .*{re.escape(name)}") as e:
+            check_structure(path)
+        assert str(e.value).endswith("not UTF-8; save it as UTF-8")
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes((row * 2).encode("utf-8-sig"))
+    check, _ = check_structure(path)  # UTF-8 with a byte-order mark is fine
+    assert len(check.rows) == 2 and not check.errors
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt,completion\nHi,Hello.\ncaf\u00e9,Coffee.\n".encode("latin-1"))
+    (row1, row2) = read_rows(path)
+    assert row1.ok and str(row2.issues[0]) == (
+        f"{path}:3: not valid UTF-8 (byte 0xe9 at line 3, column 4, file offset 31); save the "
+        "file as UTF-8"
+    )
+
+
+def test_too_many_rejected_rows_stop_even_with_skip_invalid(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    text = path.read_text().splitlines()
+    text[3] = text[3][:-1]  # 2 of 20 rows bad (10%): dropped with --skip-invalid
+    text[7] = '{"prompt": "q7"}'
+    path.write_text("\n".join(text) + "\n")
+    lines: list[str] = []
+    checks = lint_structure([str(path)], "auto", True, lines.append)
+    assert len(checks[0].good_rows) == 18 and lines[0].endswith("18 well-formed, 2 with errors")
+    text[11] = "not json"  # 3 of 20 (15%): refused
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(
+        DataError, match=r"d.jsonl: 3 of 20 rows invalid \(15%\), more than the 10%"
+    ):
+        lint_structure([str(path)], "auto", True, lines.append)
+    with pytest.raises(DataError, match=r"^3 invalid rows in .*d.jsonl"):
+        lint_structure([str(path)], "auto", False, lines.append)
+    path.write_text(text[0] + "\n" + text[3] + "\n" + "\n".join(text[4:7]) + "\n")
+    with pytest.raises(DataError, match=r"^1 invalid row in "):  # 1 row, not "1 rows"
+        lint_structure([str(path)], "auto", False, lines.append)
+
+
+def test_report_says_what_was_rejected_and_what_the_stats_cover(tmp_path, tokenizer):
+    long = "A token is a piece of text. " * 12
+    rows = [
+        {"prompt": "What is a lamb?", "completion": "A lamb is a young sheep."},
+        {"prompt": "Say it many times.", "completion": long},
+    ]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    check = check_file(path, tokenizer, max_length=48)
+    lines = report_lines(check, tokenizer)
+    assert lines[0].endswith("2 rows, format prompt_completion (auto-detected): 1 usable, 1 with "
+                             "errors, 0 warnings")  # fmt: skip
+    longest = check.over_lengths[0]
+    assert lines[1].startswith("  tokens per row (the 1 usable row, rejected rows not counted): ")
+    assert lines[2] == (
+        f"  max_length 48: 1 row longer ({longest} tokens), rejected (raise --max-length or pass "
+        "--truncate)"
+    )
+    cut = report_lines(check_file(path, tokenizer, max_length=48, truncate=True), tokenizer)
+    assert "the 2 usable rows, after truncation)" in cut[1]
+    assert cut[2] == f"  max_length 48: 1 row longer ({longest} tokens), truncated to 48 tokens"
