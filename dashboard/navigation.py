@@ -12,10 +12,12 @@ PAGE_ORDER: list[tuple[str, str, str]] = [
     ("taxonomy", "AI, ML, DL, GenAI", "🪆"),
     ("tokens", "Tokens", "🔤"),
     ("next_token", "Next token & sampling", "🎲"),
+    ("inside", "Inside the transformer", "🔬"),
     ("embeddings", "Embeddings", "🧭"),
     ("training_stages", "Training stages", "🏗️"),
     ("quantization", "Quantization", "🗜️"),
     ("lora", "LoRA & QLoRA", "🧩"),
+    ("finetune", "Fine-tune", "🛠️"),
     ("chat", "Chat", "💬"),
 ]
 

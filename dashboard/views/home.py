@@ -24,6 +24,9 @@ LEARNING_PATH = (
      "How text becomes numbers: two real tokenizers split your text; tokens vs parameters."),
     ("next_token", "Next token & sampling",
      "The model's probabilities for the next token, reshaped by temperature, top-k and top-p."),
+    ("inside", "Inside the transformer",
+     "Attention weights per layer and head, one token's path with its tensor shapes, what each "
+     "layer would predict (the logit lens), and the perplexity of your text."),
     ("embeddings", "Embeddings",
      "Meaning as vectors: sentence embeddings, PCA/t-SNE/UMAP maps, search by meaning."),
     ("training_stages", "Training stages",
@@ -32,6 +35,9 @@ LEARNING_PATH = (
      "Fewer bits per weight: int8 and 4-bit versions of a real weight matrix and what they change."),
     ("lora", "LoRA & QLoRA",
      "Fine-tuning by training a small low-rank update instead of every weight."),
+    ("finetune", "Fine-tune",
+     "Fine-tune the tutor or SmolLM2 on your own data from the browser: checks, token masks, "
+     "memory estimate, a live loss curve, then chat with the adapter."),
     ("chat", "Chat", "A LangChain chatbot running on the local models."),
 )  # fmt: skip
 
