@@ -3,7 +3,8 @@ any Llama folder) or a transformers model with or without a LoRA adapter.
 
 One path for all of them: messages are rendered by core.chat_format (the tokenizer's chat
 template), generated token by token by core.generate (the one decoding loop, with a per-answer
-seed) and streamed as `AIMessageChunk`s. Each chunk can carry the model's top alternatives for its
+seed) and streamed as `AIMessageChunk`s. An answer is at most `max_tokens` long, DEFAULT_MAX_TOKENS
+when none is asked for: a model that never ends its turn stops there, not at the context's end. Each chunk can carry the model's top alternatives for its
 tokens (the dashboard's "why this token" view), and the last chunk carries `usage_metadata`.
 Models are loaded by core.models.load (a QLoRA adapter on the 4-bit base it was trained on).
 Closing the stream stops the model: no token is computed after the reader stops.
@@ -11,6 +12,8 @@ Closing the stream stops the model: no token is computed after the reader stops.
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -30,12 +33,38 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import Field
 
 from core.chat_format import encode_prompt, stop_ids
-from core.generate import model_context, stream_steps, stream_text
+from core.generate import model_context, stream_logits, stream_steps, stream_text
 from core.models import load, resolve
 
 # Per-call overrides accepted by invoke/stream (e.g. `model.invoke(msgs, temperature=0)`).
-_CALL_OPTIONS = ("temperature", "top_k", "top_p", "max_tokens", "seed", "top_alternatives")
+_CALL_OPTIONS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "max_tokens",
+    "seed",
+    "repetition_penalty",
+    "top_alternatives",
+)
 FALLBACK_CONTEXT = 2048  # for a transformers config that names no context length
+# Answer length when no max_tokens is given. Without a bound, a model stuck in a loop (SmolLM2
+# repeating one sentence) runs to the end of its context: 8k tokens of the same line. 512 tokens
+# (~380 words) is longer than any answer the shipped bots are trained to give.
+DEFAULT_MAX_TOKENS = 512
+
+
+def check_repetition_penalty(value: float | None) -> None:
+    """A penalty must be a finite number > 0 (1.0: none), and core's decoding loop must apply it:
+    there is one loop for every local model, never a second one here."""
+    if value is None or value == 1.0:
+        return
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"repetition_penalty must be a number > 0 (1.0: none), got {value!r}")
+    if "repetition_penalty" not in inspect.signature(stream_logits).parameters:
+        raise ValueError(
+            "repetition_penalty: core's decoding loop (core.generate.stream_logits) has no "
+            "repetition penalty yet; leave it unset"
+        )
 
 
 @lru_cache(maxsize=4)
@@ -141,7 +170,11 @@ class ChatLocalModel(BaseChatModel):
     top_k: int | None = None
     top_p: float | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    """New tokens at most; None: until the model ends its turn or the context is full."""
+    """New tokens at most; None: DEFAULT_MAX_TOKENS (or until the model ends its turn or the
+    context is full, whichever comes first)."""
+    repetition_penalty: float | None = None
+    """Logits of tokens already in the prompt or answer are divided by this (> 1 discourages
+    repeats; CTRL's penalty, as transformers' `repetition_penalty`); None or 1.0: off."""
     stop: list[str] | None = None
     """Stop strings: the answer is cut before the first one."""
     seed: int | None = None
@@ -166,6 +199,7 @@ class ChatLocalModel(BaseChatModel):
             "top_p": self.top_p,
             "max_tokens": self.max_tokens,
             "seed": self.seed,
+            "repetition_penalty": self.repetition_penalty,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -218,19 +252,25 @@ class ChatLocalModel(BaseChatModel):
                 f"unsupported option(s) {', '.join(unknown)} (known: {', '.join(_CALL_OPTIONS)})"
             )
         opts = {k: kwargs.get(k, getattr(self, k)) for k in _CALL_OPTIONS}
+        check_repetition_penalty(opts["repetition_penalty"])
         lm, tokenizer = self.load()
         ids = prompt_ids(tokenizer, messages)
         context = context_window(lm, tokenizer)
+        limit = opts["max_tokens"] or DEFAULT_MAX_TOKENS
+        penalty = opts["repetition_penalty"]
+        # passed only when on, so the loop's signature needs it only when someone uses it
+        extra = {"repetition_penalty": penalty} if penalty not in (None, 1.0) else {}
         steps = stream_steps(
             lm,
             ids,
-            max_new_tokens=opts["max_tokens"] or context,
+            max_new_tokens=limit,
             temperature=opts["temperature"],
             top_k=opts["top_k"],
             top_p=opts["top_p"],
             seed=opts["seed"],
             stop_ids=stop_ids(tokenizer, generation_config(lm)),
             top_n=max(opts["top_alternatives"], 1),
+            **extra,
         )
         # stream_text turns ids into safe text pieces; `pending` remembers which generated
         # steps each piece came from, so every step lands in exactly one chunk.
@@ -257,7 +297,7 @@ class ChatLocalModel(BaseChatModel):
                     break
         finally:
             pieces.close()  # stops the model when the caller stops reading
-        full = generated >= (opts["max_tokens"] or context) or len(ids) + generated >= context
+        full = generated >= limit or len(ids) + generated >= context
         last = self._chunk(cut.flush(), pending, tokenizer, opts)
         last.message.chunk_position = "last"
         last.message.usage_metadata = {

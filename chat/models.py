@@ -27,7 +27,12 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
 from langchain_core.messages.utils import count_tokens_approximately
 
-from chat.local_model import ChatLocalModel, context_window
+from chat.local_model import (
+    DEFAULT_MAX_TOKENS,
+    ChatLocalModel,
+    check_repetition_penalty,
+    context_window,
+)
 from core.models import (
     BOT_ADAPTER,
     BOT_MODEL,
@@ -39,7 +44,14 @@ from core.models import (
 )
 from core.sampling import filter_logits
 
-__all__ = ["SPEC_HELP", "ChatBackend", "ModelSpecError", "Sampling", "load_chat_model"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "SPEC_HELP",
+    "ChatBackend",
+    "ModelSpecError",
+    "Sampling",
+    "load_chat_model",
+]
 
 # API keys of common providers, checked before the (network) client is built. Providers not
 # listed here report a missing key themselves when they are created.
@@ -63,13 +75,16 @@ DEFAULT_HOSTED_CONTEXT = 8192
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings shared by every backend; temperature 0 is greedy."""
+    """Decoding settings shared by every backend; temperature 0 is greedy. Local models answer
+    at most DEFAULT_MAX_TOKENS tokens when `max_tokens` is None (hosted ones: the provider's
+    limit)."""
 
     temperature: float = 0.7
     top_k: int | None = None
     top_p: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
+    repetition_penalty: float | None = None  # > 1 discourages repeats; local models only
 
 
 @dataclass
@@ -102,6 +117,7 @@ def load_chat_model(spec: str, sampling: Sampling | None = None) -> ChatBackend:
     filter_logits(torch.zeros(1), sampling.temperature, sampling.top_k, sampling.top_p)
     if sampling.max_tokens is not None and sampling.max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
+    check_repetition_penalty(sampling.repetition_penalty)
     resolved = resolve(spec)
     if resolved.hosted:
         return _provider(resolved.spec, sampling)
@@ -116,6 +132,7 @@ def _local(resolved: ModelSpec, sampling: Sampling) -> ChatBackend:
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
+        repetition_penalty=sampling.repetition_penalty,
     )
     lm, tokenizer = model.load()  # fail now, with the folder's own error, rather than mid-chat
     return ChatBackend(
@@ -140,6 +157,9 @@ def _provider(spec: str, sampling: Sampling) -> ChatBackend:
         raise ModelSpecError(f"{spec}: no model name after '{provider}:'")
     if sampling.seed is not None:
         raise ModelSpecError(f"{spec}: a sampling seed works with local models only")
+    if sampling.repetition_penalty not in (None, 1.0):
+        # providers name theirs differently (frequency/presence penalties), with other meanings
+        raise ModelSpecError(f"{spec}: repetition_penalty works with local models only")
     package = _BUILTIN_PROVIDERS[provider][0].split(".")[0]
     missing = []
     if importlib.util.find_spec(package) is None:

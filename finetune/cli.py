@@ -123,7 +123,11 @@ _fixed_parameters = [
         "Only estimate parameters and memory from the config (and lint --data, without the "
         "tokenizer).",
     ),
-    _switch("resume", "Continue from the newest complete checkpoint."),
+    _switch(
+        "resume",
+        "Continue from the newest complete checkpoint, with the run's own settings and data "
+        "(checked against its config.yaml, which is never rewritten; --max-steps may grow).",
+    ),
     _switch("quiet", "No progress bar."),
 ]
 finetune_command.__signature__ = inspect.Signature(

@@ -20,7 +20,9 @@ class FinetuneConfig:
     # what
     model: str = _f("tutor-base", "Base model: shipped name, local folder or Hub id (online).")
     data: str | None = _f(None, "Training data: .jsonl, .json, .csv or .parquet file.")
-    format: str = _f("auto", "auto, alpaca, messages, prompt_completion or text.")
+    format: str = _f(
+        "auto", "auto, alpaca, messages (OpenAI chat), sharegpt, prompt_completion or text."
+    )
     eval_data: str | None = _f(None, "Held-out data file (default: split off --eval-fraction).")
     eval_fraction: float = _f(0.1, "Share of rows held out for evaluation without --eval-data.")
     output_dir: str = _f("runs/finetune", "Where checkpoints, the adapter and the report go.")
@@ -51,9 +53,28 @@ class FinetuneConfig:
     device: str = _f("auto", "auto, cpu or cuda.")
     # bookkeeping
     logging_steps: int = _f(5, "Log the training loss every N steps.")
-    eval_steps: int | None = _f(None, "Evaluate every N steps (default: 5 times per run).")
-    save_steps: int | None = _f(None, "Checkpoint every N steps (default: 5 times per run).")
-    save_total_limit: int = _f(2, "Checkpoints kept (the newest).")
+    eval_steps: int | None = _f(
+        None,
+        "Evaluate every N steps (default: about 5 times per run; runs of 5 steps or fewer "
+        "only at the end).",
+    )
+    save_steps: int | None = _f(
+        None, "Checkpoint every N steps, a multiple of --eval-steps (default: at every evaluation)."
+    )
+    save_total_limit: int = _f(2, "Checkpoints kept: the newest, and always the best by eval loss.")
+    max_eval_rows: int | None = _f(
+        200, "Evaluation rows at most (a seeded sample of the held-out rows); null: all of them."
+    )
+    early_stopping_patience: int | None = _f(
+        None, "Stop after N evaluations without a lower eval loss (default: never stop early)."
+    )
+    report_to: str = field(
+        default_factory=lambda: default_report_to(),  # defined below the class
+        metadata={
+            "help": "Also send metrics to: none, tensorboard, wandb, mlflow... (transformers' "
+            "report_to, comma-separated; default: tensorboard if installed, else none)."
+        },
+    )
     num_samples: int = _f(4, "Held-out prompts in the report (base vs fine-tuned).")
     sample_max_new_tokens: int = _f(48, "Tokens generated per report sample.")
     skip_invalid: bool = _f(False, "Drop bad rows (written to rejects.jsonl) instead of stopping.")
@@ -90,9 +111,49 @@ class FinetuneConfig:
             value = getattr(self, key)
             if value is not None and not ok(value):
                 raise ConfigError(f"{key}: got {value!r}, must be {rule}")
+        if self.save_steps and self.eval_steps and self.save_steps % self.eval_steps:
+            # transformers keeps the best checkpoint only among evaluated ones
+            raise ConfigError(
+                f"save_steps: got {self.save_steps}, must be a multiple of eval_steps "
+                f"({self.eval_steps}) so every checkpoint has an eval loss to rank it by"
+            )
+        check_report_to(self.report_to)
         if self.max_steps is None and not self.epochs > 0:
             raise ConfigError(f"epochs: got {self.epochs!r}, must be > 0 (or set max_steps)")
         pick_device(self.device)  # a typo or a missing GPU fails now, not after the data check
+
+
+def default_report_to() -> str:
+    """TensorBoard when its package is installed (the metrics then also land in
+    OUTPUT_DIR/tensorboard), else none: JSONL and the loss curve only."""
+    from importlib.util import find_spec
+
+    return "tensorboard" if find_spec("tensorboard") or find_spec("tensorboardX") else "none"
+
+
+def report_targets(value: str) -> list[str]:
+    """`report_to` as transformers' list: "none" -> [], "tensorboard,wandb" -> both."""
+    return [name for v in value.split(",") if (name := v.strip()) and name != "none"]
+
+
+def check_report_to(value: str) -> None:
+    """Known integration names only, and each one installed: one line saying which is missing
+    (transformers would fail later, at trainer creation, with a longer message)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from core.config import ConfigError
+
+    known = ("none", "all", *INTEGRATION_TO_CALLBACK)
+    for name in report_targets(value):
+        if name not in known:
+            raise ConfigError(f"report_to: got {name!r}, must be one of {', '.join(known)}")
+        if name != "all" and name not in get_available_reporting_integrations():
+            package = {"tensorboard": "tensorboard", "comet_ml": "comet-ml"}.get(name, name)
+            raise ConfigError(
+                f"report_to: {name} is not installed (pip install {package}), or pass "
+                "--report-to none"
+            )
 
 
 def _finite(check: Callable[[float], bool]) -> Callable[[float], bool]:
@@ -114,6 +175,8 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
             "max_length",
             "save_total_limit",
             "sample_max_new_tokens",
+            "max_eval_rows",
+            "early_stopping_patience",
         )
     },
     "num_samples": (lambda v: v >= 0, ">= 0"),

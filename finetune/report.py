@@ -1,6 +1,6 @@
 """What a fine-tuning run leaves to read: the loss curve (PNG), and a report (Markdown and HTML)
-with eval loss and perplexity before and after and base vs fine-tuned answers to held-out
-prompts."""
+with eval loss and perplexity before and after (worded as it moved: "fell" or "rose"), which
+step the adapter is from, any overfitting, and base vs fine-tuned answers to held-out prompts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import html
 import json
 from pathlib import Path
 
+from core.atomic import write_text_atomic
 from finetune.estimate import format_bytes
 from finetune.inference import complete
 from finetune.render import held_out_prompt
@@ -26,13 +27,59 @@ def collect_samples(peft_model, data, n: int, max_new_tokens: int) -> list[dict]
     return samples
 
 
+# Overfitting is called when the eval loss stayed above its best for this many evaluations and
+# ended at least OVERFIT_RISE above it, while the training loss kept falling.
+OVERFIT_EVALS = 2
+OVERFIT_RISE = 0.01
+
+
+def change_words(before: float, after: float) -> str:
+    """ "fell 25.0%", "rose 3.8%" or "unchanged": how a loss moved, relative to `before`."""
+    change = after / before - 1
+    if abs(change) < 0.0005:
+        return "unchanged"
+    return f"{'rose' if change > 0 else 'fell'} {100 * abs(change):.1f}%"
+
+
+def overfitting(history: list[dict], evals: int = OVERFIT_EVALS) -> dict | None:
+    """From transformers' log history (whole run, resumed parts too): the best evaluation,
+    what came after it and the training loss over the same span, when the eval loss rose for
+    `evals` evaluations while the training loss fell; else None."""
+    scores = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and h["step"] > 0]
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if len(scores) <= evals or not train:
+        return None
+    best_i = min(range(len(scores)), key=lambda i: scores[i][1])
+    best_step, best = scores[best_i]
+    last_step, last = scores[-1]
+    after_best = len(scores) - 1 - best_i
+    if after_best < evals or last < best * (1 + OVERFIT_RISE):
+        return None
+    # the training loss logged at or just before the best step (the first one if none was)
+    at_best = next((loss for step, loss in reversed(train) if step <= best_step), train[0][1])
+    train_last = train[-1][1]
+    if train_last >= at_best:
+        return None  # both rising: divergence (a too-high learning rate), not overfitting
+    return {
+        "best_step": best_step,
+        "best_eval_loss": best,
+        "last_step": last_step,
+        "last_eval_loss": last,
+        "evals_after_best": after_best,
+        "train_loss_at_best": at_best,
+        "train_loss_last": train_last,
+    }
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curve(metrics: list[dict], path: Path, title: str) -> Path:
+def plot_loss_curve(
+    metrics: list[dict], path: Path, title: str, adapter_step: int | None = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -45,6 +92,8 @@ def plot_loss_curve(metrics: list[dict], path: Path, title: str) -> Path:
         ax.plot(*zip(*train, strict=True), label="training loss", color="#1f77b4")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="#d62728")
+    if adapter_step is not None and evals:
+        ax.axvline(adapter_step, color="#2ca02c", ls="--", label=f"adapter (step {adapter_step})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (cross-entropy on trained tokens)")
     ax.set_title(title)
@@ -67,19 +116,40 @@ def _summary_rows(report: dict) -> list[tuple[str, str]]:
             f"base model's {report['total_parameters']:,})",
         ),
         ("rows (train / eval)", f"{report['train_rows']} / {report['eval_rows']}"),
-        ("steps", str(report["steps"])),
+        ("steps", _steps_text(report)),
         ("training time", f"{report['train_seconds']:.1f} s"),
         ("memory (estimated)", format_bytes(report["estimated_memory_bytes"])),
         (
             "eval loss",
             f"{report['eval_loss_before']:.4f} → {report['eval_loss_after']:.4f} "
-            f"({100 * report['eval_loss_drop']:.1f}% lower)",
+            f"({change_words(report['eval_loss_before'], report['eval_loss_after'])}; the "
+            f"adapter is step {report.get('adapter_step', report['steps'])}'s)",
         ),
         ("eval perplexity", f"{report['eval_ppl_before']:.3f} → {report['eval_ppl_after']:.3f}"),
     ]
+    last = report.get("eval_loss_last")
+    if last is not None and report.get("adapter_step", report["steps"]) != report["steps"]:
+        rows.append(("eval loss at the last step", f"{last:.4f} (step {report['steps']})"))
+    if over := report.get("overfitting"):
+        rows.append(
+            (
+                "overfitting",
+                f"eval loss rose for {over['evals_after_best']} evaluations after step "
+                f"{over['best_step']} ({over['best_eval_loss']:.4f} → {over['last_eval_loss']:.4f})"
+                f" while training loss fell ({over['train_loss_at_best']:.4f} → "
+                f"{over['train_loss_last']:.4f})",
+            )
+        )
     if report.get("peak_gpu_memory_bytes"):
         rows.append(("GPU memory (peak allocated)", format_bytes(report["peak_gpu_memory_bytes"])))
     return rows
+
+
+def _steps_text(report: dict) -> str:
+    steps = str(report["steps"])
+    if report.get("stopped_early"):
+        steps += f" of {report['max_steps']} (stopped early: eval loss no longer fell)"
+    return steps
 
 
 def _markdown(report: dict) -> str:
@@ -131,8 +201,9 @@ def _html(report: dict) -> str:
 def write_report(report: dict, out_dir: Path) -> None:
     """report.json, loss_curve.png, report.md and report.html in out_dir."""
     out_dir = Path(out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     metrics = read_metrics(out_dir / "metrics.jsonl")
-    plot_loss_curve(metrics, out_dir / "loss_curve.png", f"{report['method']} on {report['model']}")
-    (out_dir / "report.md").write_text(_markdown(report), encoding="utf-8")
-    (out_dir / "report.html").write_text(_html(report), encoding="utf-8")
+    title = f"{report['method']} on {report['model']}"
+    plot_loss_curve(metrics, out_dir / "loss_curve.png", title, report.get("adapter_step"))
+    write_text_atomic(out_dir / "report.md", _markdown(report))
+    write_text_atomic(out_dir / "report.html", _html(report))

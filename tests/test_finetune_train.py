@@ -149,7 +149,7 @@ def _metrics(out: Path) -> list[dict]:
 def test_sigkilled_run_resumes_from_its_last_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
     settings = {"data": str(ALPACA), "method": "lora", "max_steps": 24, "save_steps": 4}
-    settings |= {"eval_steps": 12, "logging_steps": 1, "batch_size": 2, "learning_rate": 5e-3}
+    settings |= {"eval_steps": 4, "logging_steps": 1, "batch_size": 2, "learning_rate": 5e-3}
     settings |= {"num_samples": 1, "sample_max_new_tokens": 4}
     flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     cmd = [sys.executable, "-m", "core", "finetune", *flags, "--quiet", "--output-dir", str(out)]
