@@ -148,7 +148,20 @@ def chat_command(
     top_k: Annotated[int | None, typer.Option(help="Sample from the k likeliest tokens.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling threshold.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (local models).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Answer length limit, in tokens.")] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Answer length limit, in tokens (default: 512 for local models; hosted: the "
+            "provider's)."
+        ),
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None,
+        typer.Option(
+            help="> 1 discourages repeats: tokens already in the conversation have their scores "
+            "divided by it (local models; as transformers' repetition_penalty)."
+        ),
+    ] = None,
     no_retrieval: Annotated[
         bool, typer.Option("--no-retrieval", help="Don't look up the dashboard's concept notes.")
     ] = False,
@@ -192,7 +205,9 @@ def chat_command(
     if once is not None and not once.strip():
         raise ValueError("empty message: --once needs some text")
     _quiet_libraries()
-    sampling = Sampling(temperature, top_k, top_p, max_tokens, seed)
+    sampling = Sampling(
+        temperature, top_k, top_p, max_tokens, seed, repetition_penalty=repetition_penalty
+    )
     model = model or default_chat_model()
     session = ChatSession(
         store,

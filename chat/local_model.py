@@ -12,7 +12,6 @@ Closing the stream stops the model: no token is computed after the reader stops.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator
 from functools import lru_cache
@@ -33,7 +32,7 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import Field
 
 from core.chat_format import encode_prompt, stop_ids
-from core.generate import model_context, stream_logits, stream_steps, stream_text
+from core.generate import model_context, stream_steps, stream_text
 from core.models import load, resolve
 
 # Per-call overrides accepted by invoke/stream (e.g. `model.invoke(msgs, temperature=0)`).
@@ -54,17 +53,13 @@ DEFAULT_MAX_TOKENS = 512
 
 
 def check_repetition_penalty(value: float | None) -> None:
-    """A penalty must be a finite number > 0 (1.0: none), and core's decoding loop must apply it:
-    there is one loop for every local model, never a second one here."""
+    """A penalty must be a finite number > 0 (1.0: none); core's one decoding loop applies it
+    (core.sampling.apply_repetition_penalty), checked up front so a bad value fails before a
+    model loads."""
     if value is None or value == 1.0:
         return
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ValueError(f"repetition_penalty must be a number > 0 (1.0: none), got {value!r}")
-    if "repetition_penalty" not in inspect.signature(stream_logits).parameters:
-        raise ValueError(
-            "repetition_penalty: core's decoding loop (core.generate.stream_logits) has no "
-            "repetition penalty yet; leave it unset"
-        )
 
 
 @lru_cache(maxsize=4)

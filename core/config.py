@@ -68,6 +68,15 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             return [coerce(v, args[0], where) for v in value]
+        if origin is dict:
+            if isinstance(value, str):  # a flag: "key=value,key2=value2"
+                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+                if any(len(p) != 2 or not p[0].strip() for p in pairs):
+                    raise ValueError
+                value = {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, dict):
+                raise ValueError
+            return {coerce(k, args[0], where): coerce(v, args[1], where) for k, v in value.items()}
     except (TypeError, ValueError):
         name = getattr(hint, "__name__", str(hint))
         raise ConfigError(f"{where}: expected {name}, got {value!r}") from None

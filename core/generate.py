@@ -21,7 +21,7 @@ from core.chat_format import encode_prompt
 from core.chat_format import stop_ids as default_stop_ids
 from core.model import GPT
 from core.models import context_length
-from core.sampling import probabilities, sample_next_token
+from core.sampling import apply_repetition_penalty, probabilities, sample_next_token
 
 
 class PromptTooLongError(ValueError):
@@ -108,16 +108,21 @@ def decode(
     generator: torch.Generator | None = None,
     stop_ids: Iterable[int] = (),
     pad_id: int | None = None,
+    repetition_penalty: float | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[bool]]]:
     """The decoding loop over prompts ids [B, P]. Yields per step (tokens [B], the logits [B, V]
     they were sampled from, which rows produced a stop token now). A finished row keeps being
     fed `pad_id` (batched rollouts); the loop ends when every row has stopped or after `budget`
-    tokens, and never runs the model for a token nobody will sample."""
+    tokens, and never runs the model for a token nobody will sample. `repetition_penalty`
+    (> 1: fewer repeats) applies to every token of the prompt and the answer so far."""
     stop = set(stop_ids)
     done = [False] * ids.shape[0]
     done_t = None
+    seen = ids  # [B, P + step]: what the repetition penalty looks at
     logits = stepper.prefill(ids)  # the whole prompt in one pass
     for step in range(budget):
+        if repetition_penalty not in (None, 1.0):
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         tokens = sample_next_token(logits, temperature, top_k, top_p, generator=generator)
         if done_t is not None and pad_id is not None:
             tokens = torch.where(done_t, torch.full_like(tokens, pad_id), tokens)
@@ -129,6 +134,8 @@ def decode(
             done_t = torch.tensor(done, device=tokens.device)
         if all(done) or step == budget - 1:
             return
+        if repetition_penalty not in (None, 1.0):
+            seen = torch.cat([seen, tokens.view(-1, 1)], dim=1)
         logits = stepper.step(tokens)
 
 
@@ -159,6 +166,7 @@ def stream_logits(
     seed: int | None = None,
     stop_ids: Iterable[int] = (),
     use_cache: bool = True,
+    repetition_penalty: float | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(token id, the raw logits [V] it was sampled from) one by one, for a batch of one. Stops
     at a stop id (not yielded), after `max_new_tokens`, or when the context window is full.
@@ -170,8 +178,9 @@ def stream_logits(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stepper = stepper_for(model, 1, ids.shape[1] + budget, use_cache)
     for tokens, logits, stopped in decode(
-        stepper, ids, budget, temperature, top_k, top_p, generator, stop_ids
-    ):
+        stepper, ids, budget, temperature, top_k, top_p, generator, stop_ids,
+        repetition_penalty=repetition_penalty,
+    ):  # fmt: skip
         if stopped[0]:
             return
         yield int(tokens[0]), logits[0]

@@ -92,6 +92,20 @@ def _apply_top_p(logits: Tensor, top_p: float | None) -> Tensor:
 # public API
 
 
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float | None) -> Tensor:
+    """CTRL's repetition penalty, as transformers' RepetitionPenaltyLogitsProcessor: the logit
+    of every token already in `seen` [B, T] (the prompt included) is divided by `penalty` when
+    positive and multiplied by it when negative, so > 1 makes repeats less likely (and 1 or
+    None changes nothing). logits [B, V] -> [B, V]."""
+    if penalty is None or penalty == 1.0:
+        return logits
+    if not (math.isfinite(penalty) and penalty > 0):
+        raise ValueError(f"repetition_penalty must be a number > 0 (1.0: none), got {penalty!r}")
+    score = logits.gather(-1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(-1, seen, score)
+
+
 def filter_logits(
     logits: Tensor,
     temperature: float = 1.0,

@@ -80,7 +80,14 @@ def finetune_command(
         cfg.validate(require_data=False)  # the config first, then the data, then the estimate
         if cfg.data:  # a dry run that passes is a promise: bad or empty data fails now, not later
             files = [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
-            lint_structure(files, cfg.format, cfg.skip_invalid, typer.echo)
+            lint_structure(
+                files,
+                cfg.format,
+                cfg.skip_invalid,
+                typer.echo,
+                columns=cfg.columns,
+                roles=cfg.roles,
+            )
         run_dry(cfg, typer.echo)
         return
     color = sys.stdout.isatty()

@@ -23,6 +23,20 @@ class FinetuneConfig:
     format: str = _f(
         "auto", "auto, alpaca, messages (OpenAI chat), sharegpt, prompt_completion or text."
     )
+    columns: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Our field -> your file's column, e.g. instruction=question,output=answer or "
+            "conversations=dialog,role=speaker,content=text."
+        },
+    )
+    roles: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Your speaker names -> system/user/assistant, e.g. "
+            "customer=user,agent=assistant."
+        },
+    )
     eval_data: str | None = _f(None, "Held-out data file (default: split off --eval-fraction).")
     eval_fraction: float = _f(0.1, "Share of rows held out for evaluation without --eval-data.")
     output_dir: str = _f("runs/finetune", "Where checkpoints, the adapter and the report go.")

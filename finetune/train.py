@@ -127,7 +127,16 @@ def prepare_data(cfg: FinetuneConfig, echo=print, color: bool = False) -> Prepar
     max_length = resolve_max_length(cfg, load_config(cfg.model, cfg.trust_remote_code))
     files = [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
     checks = [
-        check_file(f, tokenizer, cfg.format, max_length, cfg.truncate, cfg.train_on_prompt)
+        check_file(
+            f,
+            tokenizer,
+            cfg.format,
+            max_length,
+            cfg.truncate,
+            cfg.train_on_prompt,
+            columns=cfg.columns,
+            roles=cfg.roles,
+        )
         for f in files
     ]
     echo(f"chat template: {template}")
@@ -168,7 +177,10 @@ def prepare_data(cfg: FinetuneConfig, echo=print, color: bool = False) -> Prepar
             if wanted > n_eval
             else ""
         )
-    echo(f"split: {len(train):,} training rows, {len(eval_pairs):,} evaluation rows{note}")
+    def rows(n: int) -> str:
+        return f"{n:,} row" if n == 1 else f"{n:,} rows"
+
+    echo(f"split: {rows(len(train))} for training, {rows(len(eval_pairs))} for evaluation{note}")
     return PreparedData(
         tokenizer,
         template,

@@ -438,6 +438,30 @@ CASES = [
     ("finetune-data-suffix", "finetune --check --data {ft_txt}", "unsupported file type", FAIL),
     ("finetune-bad-rows", "finetune --check --data {ft_rows}", "1 invalid row", FAIL),
     (
+        "finetune-columns-no-value",
+        "finetune --check --data {ft_good} --columns output",
+        "columns",
+        FAIL,
+    ),
+    (
+        "finetune-max-eval-rows-0",
+        "finetune --check --data {ft_good} --max-eval-rows 0",
+        "max_eval_rows",
+        FAIL,
+    ),
+    (
+        "finetune-report-to-bogus",
+        "finetune --check --data {ft_good} --report-to bogus",
+        "report_to",
+        FAIL,
+    ),
+    (
+        "finetune-save-not-multiple-of-eval",
+        "finetune --check --data {ft_good} --save-steps 4 --eval-steps 12",
+        "save_steps",
+        FAIL,
+    ),
+    (
         "finetune-no-format",
         "finetune --check --data {sft_nokey}",
         "cannot tell the format",
@@ -656,6 +680,12 @@ CASES = [
         FAIL,
     ),
     ("chat-db-folder", "chat --db {out} --once hi", "is a folder", FAIL),
+    (
+        "chat-repetition-penalty-negative",
+        "chat --model tutor-base --repetition-penalty -1 --once hi",
+        "repetition_penalty must be a number > 0",
+        FAIL,
+    ),
     # -- bot, bench ---------------------------------------------------------------------------------
     ("bot-ship-missing-run", "bot ship --run {missing}", "no adapter_model.safetensors", FAIL),
     ("bot-eval-setup-9", "bot eval --setup 9", "--setup: got '9', must be 1-4", FAIL),

@@ -160,7 +160,7 @@ def test_eval_rows_are_capped_and_the_output_says_how_many_were_held_out(tmp_pat
     split = next(line for line in lines if line.startswith("split:"))
     held = round(0.5 * (len(data.train) + 5))
     assert split == (
-        f"split: {len(data.train)} training rows, 5 evaluation rows (eval_fraction 0.5 would "
+        f"split: {len(data.train)} rows for training, 5 rows for evaluation (eval_fraction 0.5 would "
         f"hold out {held}; max_eval_rows 5)"
     )
     # A separate eval file is sampled down to the cap too.

@@ -469,3 +469,29 @@ def test_report_says_what_was_rejected_and_what_the_stats_cover(tmp_path, tokeni
     cut = report_lines(check_file(path, tokenizer, max_length=48, truncate=True), tokenizer)
     assert "the 2 usable rows, after truncation)" in cut[1]
     assert cut[2] == f"  max_length 48: 1 row longer ({longest} tokens), truncated to 48 tokens"
+
+
+def test_columns_and_roles_flags_map_another_layout(tmp_path):
+    """`--columns` and `--roles` (key=value lists) reach the data layer through the CLI."""
+    from typer.testing import CliRunner
+
+    from core.cli import build_app
+
+    rows = [
+        {"dialog": [{"speaker": "customer", "text": f"Question {i}?"},
+                    {"speaker": "agent", "text": f"Answer {i}."}]}
+        for i in range(4)
+    ]  # fmt: skip
+    data = tmp_path / "dialogs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["finetune", "--check", "--data", str(data), "--format", "sharegpt"]
+    mapped = args + ["--columns", "conversations=dialog,role=speaker,content=text",
+                     "--roles", "customer=user,agent=assistant"]  # fmt: skip
+    runner = CliRunner()
+    ok = runner.invoke(build_app(), mapped)
+    assert ok.exit_code == 0, ok.output
+    assert "data check passed" in ok.output
+    unmapped = runner.invoke(build_app(), args)
+    assert unmapped.exit_code != 0
+    bad = runner.invoke(build_app(), [*args, "--columns", "conversations"])
+    assert bad.exit_code != 0 and "columns" in bad.output

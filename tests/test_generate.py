@@ -15,3 +15,30 @@ def test_stream_text_pieces_join_to_the_decoded_text():
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)  # never shows half a character
     assert len(pieces) > 5  # it really streams
+
+
+def test_repetition_penalty_matches_transformers_generate():
+    """Greedy decoding with a repetition penalty: core's one loop, on our GPT and on the same
+    weights in transformers, gives exactly transformers' `generate(repetition_penalty=...)`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.chat_format import encode_prompt
+    from core.generate import generate
+    from core.models import PRETRAINED_DIR, load
+
+    folder = PRETRAINED_DIR / "tutor-base"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = encode_prompt(tokenizer, "Once upon a time there was a", chat=False)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = reference.generate(
+            torch.tensor([ids]), max_new_tokens=40, do_sample=False, repetition_penalty=2.5,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+        )[0, len(ids) :].tolist()  # fmt: skip
+    ours, _ = load("tutor-base")
+    for model in (ours, reference):
+        got = generate(model, ids, max_new_tokens=40, temperature=0.0, repetition_penalty=2.5)
+        assert got == out
+    plain = generate(ours, ids, max_new_tokens=40, temperature=0.0)
+    assert plain != out  # the penalty really changed the text
