@@ -78,7 +78,12 @@ def finetune_command(
         from finetune.lint import lint_structure
 
         cfg.validate(require_data=False)  # the config first, then the data, then the estimate
-        if cfg.data:  # a dry run that passes is a promise: bad or empty data fails now, not later
+        if cfg.data and cfg.method == "dpo":
+            from finetune.dpo import read_preferences
+
+            for path in [cfg.data] + ([cfg.eval_data] if cfg.eval_data else []):
+                read_preferences(path, cfg.skip_invalid, typer.echo)
+        elif cfg.data:  # a dry run that passes is a promise: bad or empty data fails now, not later
             files = [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
             lint_structure(
                 files,
@@ -94,7 +99,12 @@ def finetune_command(
     if check:
         from finetune.train import prepare_data
 
-        prepare_data(cfg, typer.echo, color)
+        if cfg.method == "dpo":
+            from finetune.dpo import prepare_preferences
+
+            prepare_preferences(cfg, typer.echo)
+        else:
+            prepare_data(cfg, typer.echo, color)
         typer.echo("data check passed")
         return
     from finetune.train import finetune

@@ -42,7 +42,12 @@ class FinetuneConfig:
     output_dir: str = _f("runs/finetune", "Where checkpoints, the adapter and the report go.")
     chat_template: str | None = _f(None, "Jinja chat template file (default: the model's own).")
     # method
-    method: str = _f("lora", "lora (frozen base in 16/32 bits) or qlora (frozen base in 4 bits).")
+    method: str = _f(
+        "lora",
+        "lora (frozen base in 16/32 bits), qlora (frozen base in 4 bits) or dpo (a LoRA adapter "
+        "trained on prompt/chosen/rejected preference pairs).",
+    )
+    beta: float = _f(0.1, "DPO: how far the adapter may move from the base (higher: less far).")
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Layers to adapt, comma-separated (auto: all)."}
     )
@@ -112,7 +117,7 @@ class FinetuneConfig:
             if path is not None and not str(path).strip():
                 raise ConfigError(f"{key}: got {path!r}, must be a data file")
         choices = {
-            "method": ("lora", "qlora"),
+            "method": ("lora", "qlora", "dpo"),
             "format": ("auto", *FORMATS),
             "lr_scheduler": tuple(s.value for s in SchedulerType),
         }
@@ -125,6 +130,16 @@ class FinetuneConfig:
             value = getattr(self, key)
             if value is not None and not ok(value):
                 raise ConfigError(f"{key}: got {value!r}, must be {rule}")
+        if self.method == "dpo":  # preference rows have one fixed layout: prompt/chosen/rejected
+            for key in ("columns", "roles"):
+                if getattr(self, key):
+                    raise ConfigError(
+                        f"{key}: not supported with method dpo (prompt/chosen/rejected rows)"
+                    )
+            if self.format != "auto":
+                raise ConfigError(
+                    f"format: got {self.format!r}, method dpo reads prompt/chosen/rejected rows; leave it auto"
+                )
         if self.save_steps and self.eval_steps and self.save_steps % self.eval_steps:
             # transformers keeps the best checkpoint only among evaluated ones
             raise ConfigError(
@@ -195,6 +210,7 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     },
     "num_samples": (lambda v: v >= 0, ">= 0"),
     "lora_alpha": (_finite(lambda v: v > 0), "> 0"),
+    "beta": (_finite(lambda v: v > 0), "> 0"),
     "lora_dropout": (_finite(lambda v: 0 <= v < 1), "in [0, 1)"),
     "learning_rate": (_finite(lambda v: v > 0), "> 0"),
     "warmup_ratio": (_finite(lambda v: 0 <= v < 1), "in [0, 1)"),

@@ -177,6 +177,7 @@ def prepare_data(cfg: FinetuneConfig, echo=print, color: bool = False) -> Prepar
             if wanted > n_eval
             else ""
         )
+
     def rows(n: int) -> str:
         return f"{n:,} row" if n == 1 else f"{n:,} rows"
 
@@ -221,9 +222,10 @@ def drop_incomplete_checkpoints(out_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _trainer_class():
+def _trainer_class(base=SFTTrainer):
+    """`base` (SFTTrainer, or TRL's DPOTrainer for --method dpo) with complete-marked checkpoints."""
 
-    class FinetuneTrainer(SFTTrainer):
+    class FinetuneTrainer(base):
         """SFTTrainer whose checkpoints are marked complete only once fully written, and carry
         the training loss and time so far (transformers reports both for the last `train()`
         call only, which after a resume is only the resumed part)."""
@@ -342,7 +344,7 @@ def check_resume(cfg: FinetuneConfig, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _callbacks(out_dir: Path, resume_step: int | None, progress: bool, echo):
+def _callbacks(out_dir: Path, resume_step: int | None, progress: bool, echo, perplexity=True):
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if is_main_process() else None
 
@@ -354,7 +356,7 @@ def _callbacks(out_dir: Path, resume_step: int | None, progress: bool, echo):
                 return
             record = {"step": state.global_step, "epoch": state.epoch}
             record.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
-            if "eval_loss" in logs:
+            if "eval_loss" in logs and perplexity:
                 record["eval_ppl"] = math.exp(min(logs["eval_loss"], 50.0))
             metrics.write(record)
 
@@ -400,7 +402,14 @@ def _callbacks(out_dir: Path, resume_step: int | None, progress: bool, echo):
                 self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if "eval_loss" in logs and state.global_step > 0:
                 loss = logs["eval_loss"]
-                line = f"step {state.global_step}: eval loss {loss:.4f}, ppl {math.exp(loss):.3f}"
+                line = f"step {state.global_step}: eval loss {loss:.4f}"
+                if perplexity:
+                    line += f", ppl {math.exp(loss):.3f}"
+                elif "eval_rewards/margins" in logs:  # DPO: is the preference being learned?
+                    line += (
+                        f", reward accuracy {logs['eval_rewards/accuracies']:.3f}, "
+                        f"margin {logs['eval_rewards/margins']:+.4f}"
+                    )
                 (self.bar.write if self.bar is not None else echo)(line)
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -546,6 +555,10 @@ def finetune(
     cfg: FinetuneConfig, resume: bool = False, echo=print, progress: bool = True, color=False
 ) -> dict:
     """Check the data, train, evaluate before and after, save the best adapter and the report."""
+    if cfg.method == "dpo":  # preference pairs through TRL's DPOTrainer: finetune/dpo.py
+        from finetune.dpo import run_dpo
+
+        return run_dpo(cfg, resume, echo, progress, color)
 
     out_dir = Path(cfg.output_dir)
     main = is_main_process()
