@@ -14,6 +14,7 @@ checkpoint and hide each other's turn in a fork of the thread.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import threading
@@ -21,11 +22,19 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
 from langchain_core.documents import Document
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    HumanMessage,
+    RemoveMessage,
+    messages_from_dict,
+    messages_to_dict,
+)
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
@@ -52,6 +61,11 @@ DB_ENV = "GENAI_LAB_CHAT_DB"  # overrides the default database file
 TOKEN_ALTERNATIVES = 5  # alternatives per token kept for the inspector
 TURN_TIMEOUT = 300.0  # seconds a turn waits for another writer's turn on the same thread
 LOCK_POLL = 0.01  # seconds between tries of another process's lock (flock cannot time out)
+TITLE_LENGTH = 48  # characters of the first message a thread's default title keeps
+EXPORT_FORMAT = "genai-lab-chat/1"  # marks an exported thread, for a future import
+# Titles given by hand live in a small side table of the same file, so one INSERT OR REPLACE
+# renames atomically and deleting a thread can drop its title in the same transaction.
+TITLES_TABLE = "CREATE TABLE IF NOT EXISTS chat_titles (thread_id TEXT PRIMARY KEY, title TEXT)"
 
 # One lock per (database file, thread) for the whole process: sessions sharing a store and
 # separate stores on the same file both wait for each other.
@@ -220,6 +234,8 @@ class ChatStore:
         try:
             self.checkpointer.setup()
             conn.execute("SELECT count(*) FROM checkpoints").fetchone()
+            with self.checkpointer.cursor() as cur:
+                cur.execute(TITLES_TABLE)
         except sqlite3.Error as e:
             conn.close()
             raise store_error(self.path, e, "open the chat database") from None
@@ -296,12 +312,96 @@ class ChatStore:
             raise store_error(self.path, e, "list the conversations") from None
         return [r[0] for r in rows]
 
+    def thread_list(self) -> list[ThreadInfo]:
+        """Every saved thread that has messages or a title, with the title and last-update time,
+        most recently used first."""
+        try:
+            with self.checkpointer.cursor(transaction=False) as cur:
+                titles = dict(cur.execute("SELECT thread_id, title FROM chat_titles").fetchall())
+        except sqlite3.Error as e:
+            raise store_error(self.path, e, "list the conversations") from None
+        infos = []
+        for thread_id in self.threads():
+            try:
+                state = self.graph.get_state(thread_config(thread_id))
+            except sqlite3.Error as e:
+                raise store_error(self.path, e, "list the conversations") from None
+            messages = list(state.values.get("messages", []))
+            if not messages and thread_id not in titles:
+                continue  # only steps of a turn stopped before its first token: nothing to show
+            infos.append(
+                ThreadInfo(
+                    thread_id=thread_id,
+                    title=titles.get(thread_id) or thread_title(messages),
+                    updated=state.created_at or "",
+                    messages=len(messages),
+                )
+            )
+        return infos
+
+    def title(self, thread_id: str) -> str:
+        """The title given by `rename`, else the start of the first message."""
+        try:
+            with self.checkpointer.cursor(transaction=False) as cur:
+                row = cur.execute(
+                    "SELECT title FROM chat_titles WHERE thread_id = ?", (thread_id,)
+                ).fetchone()
+        except sqlite3.Error as e:
+            raise store_error(self.path, e, "read the conversation's title") from None
+        return row[0] if row and row[0] else thread_title(self.messages(thread_id))
+
+    def rename(self, thread_id: str, title: str) -> None:
+        """Give `thread_id` a title; an empty one goes back to the first message."""
+        title = " ".join(title.split())
+        try:
+            with self.checkpointer.cursor() as cur:
+                if title:
+                    cur.execute(
+                        "INSERT OR REPLACE INTO chat_titles (thread_id, title) VALUES (?, ?)",
+                        (thread_id, title),
+                    )
+                else:
+                    cur.execute("DELETE FROM chat_titles WHERE thread_id = ?", (thread_id,))
+        except sqlite3.Error as e:
+            raise store_error(self.path, e, "rename the conversation") from None
+
     def delete(self, thread_id: str) -> None:
         with self.turn(thread_id):  # not under a turn in progress, which would bring it back
             try:
                 self.checkpointer.delete_thread(thread_id)
+                with self.checkpointer.cursor() as cur:
+                    cur.execute("DELETE FROM chat_titles WHERE thread_id = ?", (thread_id,))
             except sqlite3.Error as e:
                 raise store_error(self.path, e, "delete the conversation") from None
+
+    def drop_last_turn(self, thread_id: str) -> str | None:
+        """Remove the last question and its answer (to ask it again: regenerate); returns the
+        question, or None when the thread does not end with an answer."""
+        with self.turn(thread_id):  # not while a turn is adding to it
+            messages = self.messages(thread_id)
+            if len(messages) < 2 or not isinstance(messages[-2], HumanMessage):
+                return None
+            question, answer = messages[-2], messages[-1]
+            if not isinstance(answer, AIMessage):
+                return None
+            try:  # add_messages deletes by id: one new checkpoint without the two
+                self.graph.update_state(
+                    thread_config(thread_id),
+                    {"messages": [RemoveMessage(id=question.id), RemoveMessage(id=answer.id)]},
+                    as_node="respond",
+                )
+            except sqlite3.Error as e:
+                raise store_error(self.path, e, "remove the last answer") from None
+            return question.text
+
+    def export(self, thread_id: str, fmt: str = "json") -> str:
+        """The thread as JSON (`export_json`) or markdown (`export_markdown`)."""
+        messages, title = self.messages(thread_id), self.title(thread_id)
+        if fmt == "json":
+            return export_json(thread_id, title, messages)
+        if fmt == "markdown":
+            return export_markdown(title, messages)
+        raise ValueError(f"unknown export format {fmt!r}: json or markdown")
 
     def close(self) -> None:
         self.checkpointer.conn.close()
@@ -309,3 +409,70 @@ class ChatStore:
 
 def thread_config(thread_id: str) -> dict:
     return {"configurable": {"thread_id": thread_id}}
+
+
+@dataclass
+class ThreadInfo:
+    """One saved conversation, as the thread list shows it."""
+
+    thread_id: str
+    title: str
+    updated: str  # ISO 8601 time of the last saved step ("" if unknown)
+    messages: int
+
+
+def thread_title(messages: list[AnyMessage], length: int = TITLE_LENGTH) -> str:
+    """The first user message on one line, cut to `length` characters ("(empty)" if none)."""
+    first = next((m.text for m in messages if isinstance(m, HumanMessage)), "")
+    text = " ".join(first.split())
+    if not text:
+        return "(empty)"
+    return text if len(text) <= length else text[: length - 1].rstrip() + "…"
+
+
+def short_time(iso: str, now: datetime | None = None) -> str:
+    """An ISO time as "14:05" today, "3 Mar 14:05" this year, else "3 Mar 2025" (local time)."""
+    try:
+        when = datetime.fromisoformat(iso).astimezone()
+    except (TypeError, ValueError):
+        return ""
+    now = now or datetime.now().astimezone()
+    if when.date() == now.date():
+        return when.strftime("%H:%M")
+    day = f"{when.day} {when.strftime('%b')}"
+    return f"{day} {when.strftime('%H:%M')}" if when.year == now.year else f"{day} {when.year}"
+
+
+def export_json(thread_id: str, title: str, messages: list[AnyMessage]) -> str:
+    """The thread as JSON: LangChain's message dicts, so `messages_from_json` gives them back
+    with their metadata (sources, token usage)."""
+    return json.dumps(
+        {
+            "format": EXPORT_FORMAT,
+            "thread": thread_id,
+            "title": title,
+            "messages": messages_to_dict(messages),
+        },
+        ensure_ascii=False,
+        indent=2,
+        default=str,  # metadata a provider filled with non-JSON values (dates) stays readable
+    )
+
+
+def messages_from_json(text: str) -> list[AnyMessage]:
+    """The messages of an `export_json` file."""
+    return messages_from_dict(json.loads(text)["messages"])
+
+
+def export_markdown(title: str, messages: list[AnyMessage]) -> str:
+    """The thread as a markdown document: a heading per message, the text as written, and the
+    cited dashboard pages under each answer."""
+    out = [f"# {title}", ""]
+    for message in messages:
+        out += ["## You" if isinstance(message, HumanMessage) else "## Assistant", ""]
+        out += [message.text.strip(), ""]
+        sources = message.response_metadata.get("sources") or []
+        if sources:
+            cited = ", ".join(f"{s.get('title', '')} (`{s.get('page', '')}`)" for s in sources)
+            out += [f"*Sources: {cited}*", ""]
+    return "\n".join(out)

@@ -75,3 +75,29 @@ def _inline(line: str) -> str:
             out.append(ch)
             i += 1
     return "".join(out)
+
+
+def turn_stats(usage: dict | None, seconds: float, streaming_seconds: float | None = None) -> str:
+    """One line under an answer: tokens in and out and the generation speed. The speed counts
+    from the first token (`streaming_seconds`) when known, so the prompt's processing and the
+    note lookup do not make a fast model look slow."""
+    if not usage:
+        return f"{seconds:.1f} s (the model reports no token counts)"
+    read, wrote = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+    line = f"{read:,} tokens in · {wrote:,} out · {seconds:.1f} s"
+    span = streaming_seconds if streaming_seconds else seconds
+    if wrote and span > 0:
+        line += f" · {wrote / span:.1f} tokens/s"
+    return line
+
+
+def dropped_note(dropped: int, history: int) -> str:
+    """Says how much of the conversation the model did not see ("" when it saw everything)."""
+    if dropped <= 0:
+        return ""
+    kept = max(history - dropped, 0)
+    plural = "s" if dropped != 1 else ""
+    return (
+        f"The {dropped} oldest message{plural} did not fit the model's context and were left "
+        f"out: it saw {kept} of the {history} earlier messages."
+    )

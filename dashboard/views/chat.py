@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from contextlib import closing
 
 import pandas as pd
 import streamlit as st
 
 from chat.chain import default_system_prompt
-from chat.memory import ChatStore, default_db_path
+from chat.memory import (
+    ChatStore,
+    ThreadInfo,
+    default_db_path,
+    export_json,
+    export_markdown,
+    short_time,
+)
 from chat.models import Sampling, default_chat_model, load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession, TurnResult
 from core.models import BOT_MODEL, FOUNDATION_MODEL, PRETRAINED_DIR, SHIPPED_MODELS
-from dashboard.lib.chat_view import safe_markdown
+from dashboard.lib.chat_view import dropped_note, safe_markdown, turn_stats
 
 # What the model picker says about each shipped name.
 MODEL_LABELS = {
@@ -24,6 +33,8 @@ MODEL_LABELS = {
     "tutor-sft": "tutor-sft: after SFT (reads 128 tokens)",
     "tutor-base": "tutor-base: pre-trained only, not a chat model (continues text)",
 }
+FIRST_THREAD = "dashboard"  # the conversation a first visit opens (the page's old default)
+SHOWN_THREADS = 50  # the sidebar lists this many recent conversations
 
 
 @st.cache_resource(show_spinner="Loading the model ...")
@@ -60,10 +71,16 @@ def token_table(tokens: list[dict]) -> pd.DataFrame:
     )
 
 
-def show_extras(metadata: dict, key: str) -> None:
-    """Citations and the token inspector under an answer."""
+def show_extras(metadata: dict, key: str, history: int, stats: str = "") -> None:
+    """Under an answer: what was left out of the context, speed, citations, token inspector.
+    `history` is how many messages came before its question (what the model could have seen)."""
     if metadata.get("interrupted"):
         st.caption("(stopped)")
+    note = dropped_note(int(metadata.get("dropped_messages") or 0), history)
+    if note:
+        st.info(note, icon=":material/content_cut:")
+    if stats:
+        st.caption(stats)
     if metadata.get("sources"):
         st.caption(cite(metadata["sources"]))
     if metadata.get("tokens"):
@@ -94,6 +111,127 @@ def show_extras(metadata: dict, key: str) -> None:
             )
 
 
+def new_thread_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def open_thread(thread_id: str) -> None:
+    """Switch conversations; the id goes in the URL so a reload or a bookmark reopens it."""
+    st.query_params["thread"] = thread_id
+    st.session_state.pop("chat_confirm_delete", None)
+
+
+def rename_thread(chats: ChatStore, thread_id: str) -> None:
+    try:
+        chats.rename(thread_id, st.session_state.get(f"title::{thread_id}", ""))
+    except ValueError as e:  # ChatStoreError: shown on the next run, never as a traceback
+        st.session_state["chat_error"] = str(e)
+
+
+def delete_thread(chats: ChatStore, thread_id: str) -> None:
+    try:
+        chats.delete(thread_id)
+    except ValueError as e:
+        st.session_state["chat_error"] = str(e)
+        return
+    open_thread(new_thread_id())  # a fresh one, not a reload of the deleted id
+
+
+def regenerate(chats: ChatStore, thread_id: str) -> None:
+    """Take the last question and answer out of the thread; this run asks the question again."""
+    try:
+        question = chats.drop_last_turn(thread_id)
+    except ValueError as e:
+        st.session_state["chat_error"] = str(e)
+        return
+    if question:
+        st.session_state["chat_resend"] = (thread_id, question)
+
+
+def thread_label(info: ThreadInfo) -> str:
+    # Labels render markdown, images included: the title is chat text, so made safe.
+    when = short_time(info.updated)
+    title = safe_markdown(info.title)
+    return f"{title} · {when}" if when else title
+
+
+def thread_sidebar(
+    chats: ChatStore, threads: list[ThreadInfo], thread: str, messages: list
+) -> None:
+    """New chat, the saved conversations (most recent first) and the current one's actions."""
+    st.subheader("Conversations")
+    st.button(
+        "New chat",
+        icon=":material/add:",
+        on_click=open_thread,
+        args=(new_thread_id(),),
+        width="stretch",
+        key="chat_new",
+    )
+    for info in threads[:SHOWN_THREADS]:
+        st.button(
+            thread_label(info),
+            key=f"open::{info.thread_id}",
+            type="primary" if info.thread_id == thread else "tertiary",
+            on_click=open_thread,
+            args=(info.thread_id,),
+            help=safe_markdown(f"{info.messages} messages · id `{info.thread_id}`"),
+            width="stretch",
+        )
+    if len(threads) > SHOWN_THREADS:
+        st.caption(f"… and {len(threads) - SHOWN_THREADS} older ones")
+    if not messages:
+        return
+    title = next((t.title for t in threads if t.thread_id == thread), thread)
+    with st.expander("This conversation"):
+        st.text_input("Title", value=title, key=f"title::{thread}")
+        st.button("Rename", on_click=rename_thread, args=(chats, thread), key="chat_rename")
+        left, right = st.columns(2)
+        left.download_button(
+            "JSON",
+            export_json(thread, title, messages),
+            file_name=f"chat-{thread}.json",
+            mime="application/json",
+            icon=":material/download:",
+            on_click="ignore",  # a download needs no rerun
+            key="chat_export_json",
+        )
+        right.download_button(
+            "Markdown",
+            export_markdown(title, messages),
+            file_name=f"chat-{thread}.md",
+            mime="text/markdown",
+            icon=":material/download:",
+            on_click="ignore",
+            key="chat_export_md",
+        )
+        # Deleting asks first: a conversation cannot be brought back.
+        if st.session_state.get("chat_confirm_delete") != thread:
+            st.button(
+                "Delete…",
+                icon=":material/delete:",
+                key="chat_delete",
+                on_click=lambda: st.session_state.update(chat_confirm_delete=thread),
+            )
+        else:
+            st.warning(
+                safe_markdown(f"Delete “{title}” and its {len(messages)} messages for good?")
+            )
+            yes, no = st.columns(2)
+            yes.button(
+                "Delete",
+                type="primary",
+                key="chat_delete_yes",
+                on_click=delete_thread,
+                args=(chats, thread),
+            )
+            no.button(
+                "Cancel",
+                key="chat_delete_no",
+                on_click=lambda: st.session_state.pop("chat_confirm_delete", None),
+            )
+
+
 st.title("Chat")
 st.markdown(
     "A chatbot built with **LangChain**: a chain puts the system prompt, the conversation so far "
@@ -102,20 +240,44 @@ st.markdown(
     "answering, the question is embedded with MiniLM and the closest concept notes from this "
     "dashboard are looked up; the answer cites the pages they come from."
 )
+# Conversations first: they show even when the chosen model cannot load.
+try:
+    chats = store(str(default_db_path()))
+    threads = chats.thread_list()
+except ValueError as e:  # ChatStoreError: the file cannot be opened or read
+    st.error(str(e))
+    st.stop()
+# The URL names the conversation; a first visit resumes the most recent one.
+thread = (st.query_params.get("thread") or "").strip() or (
+    threads[0].thread_id if threads else FIRST_THREAD
+)
+st.query_params["thread"] = thread
+if "chat_error" in st.session_state:  # from a sidebar action's callback
+    st.error(safe_markdown(st.session_state.pop("chat_error")))  # it names the thread id
+resend = st.session_state.pop("chat_resend", None)  # (thread, question) from "Regenerate"
+try:
+    messages = chats.messages(thread)
+except ValueError as e:
+    st.error(str(e))
+    messages = []
+
 shipped = [default_chat_model(), FOUNDATION_MODEL, "tutor"]
 shipped += [n for n in SHIPPED_MODELS if (PRETRAINED_DIR / n).is_dir()]
 shipped = list(dict.fromkeys(shipped))  # the default first, each once
 with st.sidebar:
+    thread_sidebar(chats, threads, thread, messages)
     st.subheader("Chat settings")
     spec = st.selectbox(
         "Model",
         shipped,
+        key="chat_model",
         format_func=lambda name: MODEL_LABELS.get(name, name),
         help="The demo bot answered the held-out questions best (README); the tutor is the "
         "from-scratch model of the training-stages page.",
     )
-    other = st.text_input("… or a model spec", help="PATH, PATH+ADAPTER or provider:model")
-    thread = st.text_input("Conversation id", value="dashboard").strip() or "dashboard"
+    other = st.text_input(
+        "… or a model spec", help="PATH, PATH+ADAPTER or provider:model", key="chat_spec"
+    )
     temperature = st.slider("Temperature", 0.0, 1.5, 0.7, 0.05, help="0 = always the top token")
     notes = st.radio(
         "Concept notes",
@@ -131,9 +293,10 @@ with st.sidebar:
         "System prompt", value=default_system_prompt(chosen), height=80, key=f"system-{chosen}"
     )
 
+session: ChatSession | None = None
 try:
     session = ChatSession(
-        store(str(default_db_path())),
+        chats,
         backend(chosen, temperature, None, None),
         thread_id=thread,
         system_prompt=system,
@@ -142,35 +305,48 @@ try:
         inspect_tokens=inspect,
         abstain=notes != "off",
     )
-    messages = session.history()
-except ValueError as e:
-    st.error(str(e))
-    st.stop()
+except (ValueError, OSError) as e:  # a bad model spec: say why, keep the conversation visible
+    st.error(safe_markdown(f"{chosen}: {e}" if chosen not in str(e) else str(e)))
 
-context = session.backend.context_window
-st.caption(
-    f"Model **{session.backend.spec}** ({session.backend.kind}) reads {context:,} tokens; "
-    f"conversation **{thread}** has {len(messages)} messages."
-)
-if st.button("Clear this conversation", disabled=not messages):
-    session.reset()
-    st.rerun()
+title = next((t.title for t in threads if t.thread_id == thread), "New chat")
+if session is not None:
+    st.caption(
+        f"Model **{session.backend.spec}** ({session.backend.kind}) reads "
+        f"{session.backend.context_window:,} tokens; conversation **{safe_markdown(title)}** "
+        f"has {len(messages)} messages."
+    )
+stats: dict[str, str] = st.session_state.setdefault("chat_stats", {})  # this session's answers
 
 for i, message in enumerate(messages):
     role = "user" if message.type == "human" else "assistant"
     with st.chat_message(role):
         st.markdown(safe_markdown(message.text))  # never images or HTML: they can leak the chat
         if role == "assistant":
-            show_extras(message.response_metadata, f"old-{i}")
+            show_extras(
+                message.response_metadata, f"old-{i}", i - 1, stats.get(f"{thread}:{i}", "")
+            )
 
-question = st.chat_input("Ask about tokens, sampling, LoRA ...")
-if question:
+if session is not None and messages and messages[-1].type == "ai":
+    st.button(
+        "Regenerate the last answer",
+        icon=":material/refresh:",
+        key="chat_regenerate",
+        on_click=regenerate,
+        args=(chats, thread),
+        help="Ask the last question again (the current answer is replaced)",
+    )
+
+question = st.chat_input("Ask about tokens, sampling, LoRA ...", disabled=session is None)
+if resend is not None and resend[0] == thread:
+    question = resend[1]
+if question and session is not None:
     with st.chat_message("user"):
         st.markdown(safe_markdown(question))
     with st.chat_message("assistant"):
         # Streamed by hand rather than st.write_stream, which renders the raw text as markdown.
         shown = st.empty()
         text, result = "", None
+        started, first = time.perf_counter(), None
         try:
             # closing: a rerun or stop mid-answer saves the part shown and frees the thread now
             with closing(session.stream(question)) as turn:
@@ -178,22 +354,30 @@ if question:
                     if isinstance(item, TurnResult):
                         result = item
                     else:
+                        first = first or time.perf_counter()
                         text += item
                         shown.markdown(safe_markdown(text) + "▌")
         except ValueError as e:
             st.error(str(e))
+        ended = time.perf_counter()
         if text:
             shown.markdown(safe_markdown(text))
         else:
             shown.empty()
         if result is not None:
-            if result.dropped_messages:
-                st.caption(f"({result.dropped_messages} older messages did not fit the context)")
+            line = turn_stats(result.usage, ended - started, ended - first if first else None)
+            if result.answer:  # saved as message len(messages) + 1, right after the question
+                stats[f"{thread}:{len(messages) + 1}"] = line
             show_extras(
                 {
                     "sources": result.sources,
                     "tokens": result.tokens,
                     "interrupted": result.interrupted,
+                    "dropped_messages": result.dropped_messages,
                 },
                 f"new-{len(messages)}",
+                len(messages),
+                line,
             )
+    if result is not None and result.answer:
+        st.rerun()  # the sidebar lists the new conversation (or its new first message)
