@@ -17,7 +17,7 @@ PAGE_ORDER: list[tuple[str, str, str]] = [
     ("training_stages", "Training stages", "🏗️"),
     ("quantization", "Quantization", "🗜️"),
     ("lora", "LoRA & QLoRA", "🧩"),
-    ("finetune", "Fine-tune", "🛠️"),
+    ("finetune_lab", "Fine-tune", "🛠️"),
     ("chat", "Chat", "💬"),
 ]
 

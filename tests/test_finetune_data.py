@@ -485,8 +485,8 @@ def test_columns_and_roles_flags_map_another_layout(tmp_path):
     data = tmp_path / "dialogs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["finetune", "--check", "--data", str(data), "--format", "sharegpt"]
-    mapped = args + ["--columns", "conversations=dialog,role=speaker,content=text",
-                     "--roles", "customer=user,agent=assistant"]  # fmt: skip
+    mapped = [*args, "--columns", "conversations=dialog,role=speaker,content=text",
+              "--roles", "customer=user,agent=assistant"]  # fmt: skip
     runner = CliRunner()
     ok = runner.invoke(build_app(), mapped)
     assert ok.exit_code == 0, ok.output

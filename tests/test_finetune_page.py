@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import finetune.data  # noqa: F401  (the package, before AppTest puts dashboard/views on sys.path)
 from dashboard.lib import jobs
 from dashboard.lib.finetune_view import MAX_UPLOAD_BYTES, UploadError, save_upload
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "dashboard" / "views" / "finetune.py"
+PAGE = ROOT / "dashboard" / "views" / "finetune_lab.py"
 BROKEN = ROOT / "finetune" / "examples" / "data" / "broken.jsonl"
 
 

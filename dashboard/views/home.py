@@ -35,7 +35,7 @@ LEARNING_PATH = (
      "Fewer bits per weight: int8 and 4-bit versions of a real weight matrix and what they change."),
     ("lora", "LoRA & QLoRA",
      "Fine-tuning by training a small low-rank update instead of every weight."),
-    ("finetune", "Fine-tune",
+    ("finetune_lab", "Fine-tune",
      "Fine-tune the tutor or SmolLM2 on your own data from the browser: checks, token masks, "
      "memory estimate, a live loss curve, then chat with the adapter."),
     ("chat", "Chat", "A LangChain chatbot running on the local models."),

@@ -6,21 +6,9 @@ job and shows the report and the adapter."""
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import streamlit as st
-
-# AppTest (and `streamlit run` of this file alone) put this page's folder first on sys.path, where
-# this very file would stand in for the `finetune` package: import the package without it first.
-if "finetune" not in sys.modules:
-    _here = Path(__file__).resolve().parent
-    _saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    try:
-        import finetune.data  # noqa: F401
-    finally:
-        sys.path[:] = _saved
 
 from core.config import ConfigError
 from core.models import ModelLoadError
