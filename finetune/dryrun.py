@@ -12,6 +12,7 @@ from finetune.estimate import (
     PRECISIONS,
     activation_elements_per_token,
     counts_from_model,
+    estimate_process_peak,
     format_bytes,
     memory_breakdown,
 )
@@ -35,9 +36,12 @@ def shape_of(config) -> dict:
     }
 
 
-def dry_run(cfg: FinetuneConfig, echo=print, seq_len: int | None = None) -> dict:
+def dry_run(
+    cfg: FinetuneConfig, echo=print, seq_len: int | None = None, dataset_tokens: int = 0
+) -> dict:
     """Print and return the estimate. `seq_len` defaults to max_length (or the model's context,
-    capped at 2048); a run passes its longest row, which is as far as padding goes."""
+    capped at 2048); a run passes its longest row, which is as far as padding goes, and the
+    tokens of its encoded rows (`dataset_tokens`, held in memory during training)."""
     from transformers import AutoModelForCausalLM
 
     from finetune.modeling import (
@@ -84,6 +88,20 @@ def dry_run(cfg: FinetuneConfig, echo=print, seq_len: int | None = None) -> dict
             f"{format_bytes(row['gradients']):>10} {format_bytes(row['optimizer']):>10} "
             f"{format_bytes(row['activations']):>12} {format_bytes(row['total']):>10}{mark}"
         )
+    peak = estimate_process_peak(
+        counts["total"],
+        counts["quantizable"],
+        trainable,
+        cfg.method,
+        activation_values=tokens * activation_elements_per_token(shape, "lora"),
+        logit_values=tokens * shape["vocab_size"],
+        dataset_tokens=dataset_tokens,
+    )
+    echo(
+        f"on CPU, the whole process's peak (RSS): {format_bytes(peak['total'])} (runtime "
+        f"{format_bytes(peak['runtime'])}, weights {format_bytes(peak['weights'])}, "
+        f"activations {format_bytes(peak['activations'])})"
+    )
     echo("  (estimates: see finetune/estimate.py for the assumptions; no weights were loaded)")
     return {
         "model": cfg.model,
@@ -94,5 +112,6 @@ def dry_run(cfg: FinetuneConfig, echo=print, seq_len: int | None = None) -> dict
         "batch_size": cfg.batch_size,
         "seq_len": seq_len,
         "this_run": chosen,
+        "process_peak": peak,  # CPU runs: comparable with finetune.memory.peak_memory()
         **table,
     }

@@ -235,7 +235,8 @@ def estimate_memory(
     - activations: batch_size × seq_len × `activation_elements_per_token` values in the compute
       precision (fp32 row: 4 bytes, else bf16), plus the fp32 log-probabilities of the loss
       (batch_size × seq_len × vocab × 4 bytes). No gradient checkpointing; memory-efficient
-      attention. Framework overhead (CUDA context, allocator caching) is not included.
+      attention. Framework overhead (CUDA context, allocator caching) is not included: for a
+      CPU process's peak, runtime and transients included, see `estimate_process_peak`.
     """
     if method not in ("lora", "qlora", "full"):
         raise ValueError(f"method must be lora, qlora or full, got {method!r}")
@@ -262,6 +263,96 @@ def estimate_memory(
         "trainable_parameters": trainable,
         "trainable_percent": 100.0 * trainable / total,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole process on CPU: what `ru_maxrss` (finetune/memory.py) will report
+# ---------------------------------------------------------------------------------------------
+# `memory_breakdown` counts the tensors a step needs. A CPU run's peak resident set also holds the
+# Python runtime and its libraries, the checkpoint pages the weights are read from, transient
+# buffers of the forward/backward pass and the encoded dataset. Measured here (Linux x86-64,
+# 2 cores, torch CPU wheels, transformers 5, bitsandbytes 0.50), see CALIBRATION below.
+
+# `python -c "import torch, transformers, peft"`: 439,048 KiB "Maximum resident set size"
+# (/usr/bin/time -v). Adding accelerate, datasets, bitsandbytes and Trainer: 528,176 KiB.
+IMPORT_RSS_BYTES = 439_048 * 1024
+# The rest of a `genai-lab finetune` process that does not grow with the model: accelerate,
+# datasets, bitsandbytes, the CLI, the tokenizer, Trainer and its thread pools. Fitted to the two
+# tutor-base runs, whose model tensors are under 20 MiB (their peaks: 645 and 640 MiB).
+TRAINER_RSS_BYTES = 190 * 2**20
+# Peak activation memory / the autograd-saved values of `activation_elements_per_token` plus one
+# fp32 copy of the logits. The backward pass holds gradients of those tensors while they are
+# still alive, the loss keeps log-probabilities and their gradient (B x T x vocab each), and
+# CPU memory freed between steps of different lengths is not returned to the OS (glibc heap).
+# Fitted to the SmolLM2-135M LoRA run (972 MiB of transients over 323 MiB estimated); the
+# evaluation pass runs without gradients and stays below it.
+TRANSIENT_FACTOR = 3.0
+# Encoded rows held in memory: input_ids and labels as Python lists (an 8-byte pointer and a
+# 28-byte int object per token: token ids above 256 are not cached) plus the Arrow copy in the
+# `datasets.Dataset` Trainer reads (8 bytes each).
+DATASET_BYTES_PER_TOKEN = 2 * (8 + 28) + 2 * 8
+
+# Estimate vs measured peak RSS, with the command that produced each measurement (data
+# finetune/examples/data/tutor_alpaca.json, 16 rows; HF_HUB_OFFLINE=1):
+#   /usr/bin/time -v genai-lab finetune --model M --method X --data ...tutor_alpaca.json \
+#       --max-steps 3 --batch-size 4 --max-length 128 --num-samples 0 --quiet --output-dir D
+# tests/test_finetune_estimate.py checks each estimate is within 30% of the measured peak.
+# Longest row 43 tokens (tutor-base), 60 (SmolLM2). Estimate / measured:
+#   tutor-base LoRA  657 / 645 MiB (+2%)   SmolLM2-135M LoRA   2,140 / 2,153 MiB (-1%)
+#   tutor-base QLoRA 659 / 640 MiB (+3%)   SmolLM2-135M QLoRA  2,299 / 2,319 MiB (-1%)
+# (Before this model the printed estimate was the tensor total: 19, 9, 874 and 328 MiB.) The
+# runtime and TRANSIENT_FACTOR were fitted to three of these runs, so only the QLoRA SmolLM2 one
+# is a check; another: a 140-step QLoRA SmolLM2 run, batch 4, measured 3.4 GB where the tensor
+# total said 524.5 MiB (longest row ~124 tokens): this model says 3.5 GB. Not yet measured:
+# rows of 512+ tokens, where TRANSIENT_FACTOR is an extrapolation.
+CALIBRATION = {
+    # (model, method): measured "Maximum resident set size" in KiB
+    ("tutor-base", "lora"): 660_376,
+    ("tutor-base", "qlora"): 655_164,
+    ("smollm2-135m-instruct", "lora"): 2_204_364,
+    ("smollm2-135m-instruct", "qlora"): 2_374_812,
+}
+
+
+def estimate_process_peak(
+    total_params: int,
+    quantizable_params: int,
+    trainable_params: int,
+    method: str,
+    activation_values: float,
+    logit_values: float,
+    dataset_tokens: int = 0,
+) -> dict[str, int]:
+    """Peak resident memory of a `genai-lab finetune` process on CPU, in bytes, by part:
+    ``{"runtime", "weights", "gradients", "optimizer", "activations", "dataset", "total"}``.
+
+    On CPU everything computes in fp32 (finetune/modeling.py `compute_dtype`), whatever the
+    storage of the frozen weights. Weights: transformers 5 memory-maps the safetensors file and
+    keeps the mapping, so the pages of an fp32 checkpoint stay resident (LoRA uses them in place:
+    total × 4 bytes); QLoRA adds the NF4 linear layers and an fp32 copy of the rest (embeddings,
+    norms) to those pages (measured: 1,078 MiB resident after loading SmolLM2-135M in 4 bits,
+    555 MiB of it file pages). Activations: fp32, × TRANSIENT_FACTOR. For a GPU run compare
+    `memory_breakdown`'s total with torch.cuda.max_memory_allocated instead (not calibrated).
+    """
+    if method not in ("lora", "qlora", "full"):
+        raise ValueError(f"method must be lora, qlora or full, got {method!r}")
+    rest = total_params - quantizable_params
+    nf4_bytes = 0.5 + 1 / BLOCKSIZE_NF4 + 4 / (BLOCKSIZE_NF4 * BLOCKSIZE_DOUBLE_QUANT)
+    weights = total_params * 4
+    if method == "qlora":
+        weights += quantizable_params * nf4_bytes + rest * 4
+    if method != "full":
+        weights += trainable_params * 4  # the fp32 adapters
+    row = {
+        "runtime": IMPORT_RSS_BYTES + TRAINER_RSS_BYTES,
+        "weights": int(weights),
+        "gradients": int(trainable_params * 4),
+        "optimizer": int(trainable_params * 8),  # AdamW: two fp32 moments
+        "activations": int(TRANSIENT_FACTOR * (activation_values + logit_values) * 4),
+        "dataset": int(dataset_tokens * DATASET_BYTES_PER_TOKEN),
+    }
+    row["total"] = sum(row.values())
+    return row
 
 
 def counts_from_model(model, target_modules: list[str]) -> dict[str, int]:

@@ -53,6 +53,7 @@ from finetune.dryrun import dry_run
 from finetune.estimate import format_bytes
 from finetune.inference import ADAPTER_META
 from finetune.lint import DatasetCheck, check_file, enforce, issue_lines, report_lines
+from finetune.memory import PeakMemory, peak_memory
 from finetune.modeling import (
     check_target_modules,
     compute_dtype,
@@ -585,11 +586,13 @@ def finetune(
         save_config(cfg, out_dir / "config.yaml")
         write_text_atomic(out_dir / FINGERPRINT, json.dumps(fingerprint(cfg), indent=2) + "\n")
     longest = max(len(e.input_ids) for e in data.train + data.eval)
-    estimate = dry_run(cfg, lambda *_: None, longest)  # from the config, before loading
+    tokens = sum(len(e.input_ids) for e in data.train + data.eval)
+    estimate = dry_run(cfg, lambda *_: None, longest, tokens)  # from the config, before loading
     memory = estimate[estimate["this_run"]]
     say(
         f"estimated training memory: {format_bytes(memory['total'])} (weights "
         f"{format_bytes(memory['weights'])}, activations {format_bytes(memory['activations'])}; "
+        f"the whole process on CPU: {format_bytes(estimate['process_peak']['total'])}; "
         "details: --dry-run)"
     )
     torch.manual_seed(cfg.seed)
@@ -603,7 +606,8 @@ def finetune(
     model, targets = add_adapters(cfg, model, say)
 
     resume_step = int(_CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else None
-    callbacks = _callbacks(out_dir, resume_step, progress, say)
+    # PeakMemory first, so the peak is in each record the metrics log writes.
+    callbacks = [PeakMemory(), *_callbacks(out_dir, resume_step, progress, say)]
     trainer = build_trainer(cfg, data, model, device, out_dir, callbacks)
     trainer.prior_loss_sum, trainer.prior_seconds = read_totals(checkpoint)
     total = _steps(cfg, len(data.train))
@@ -698,6 +702,17 @@ def finetune(
     trainable, total = peft_model.get_nb_trainable_parameters()
     total -= trainable  # the base model's parameters, as --dry-run counts them
     after = best["eval_loss"]
+    measured = peak_memory()  # this process (under DDP each rank has its own; rank 0 reports)
+    gpu = measured["gpu_peak_allocated_bytes"]
+    say(
+        f"memory: estimated {format_bytes(estimate['process_peak']['total'])}, measured peak "
+        f"{format_bytes(measured['cpu_peak_rss_bytes'])} (CPU RSS)"
+        + (
+            f"; GPU {format_bytes(gpu)} allocated, estimated {format_bytes(memory['total'])}"
+            if gpu is not None
+            else ""
+        )
+    )
     report = {
         "model": cfg.model,
         "method": cfg.method,
@@ -723,9 +738,9 @@ def finetune(
         "train_loss": train_loss,
         "train_seconds": train_seconds,
         "estimated_memory_bytes": memory["total"],
-        "peak_gpu_memory_bytes": (
-            torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-        ),
+        "estimated_peak_rss_bytes": estimate["process_peak"]["total"],
+        "peak_rss_bytes": measured["cpu_peak_rss_bytes"],
+        "peak_gpu_memory_bytes": measured["gpu_peak_allocated_bytes"],
         "samples": samples,
         "config": asdict(cfg),
     }
