@@ -180,12 +180,12 @@ def wordpiece():
 def test_tokens_page_reacts_to_text():
     at = page("tokens")
     assert not at.exception
-    assert len(at.html) == 2  # the two coloured views
+    assert len(at.html) == 4  # tutor, SmolLM2 and WordPiece views, and the chat template
     before = metrics(at)
     at.text_area[0].set_value("The cat. THE CAT.").run()
     assert not at.exception
     assert metrics(at) != before
-    assert ">CAT<" not in at.html[1].value and ">cat<" in at.html[1].value  # lowercased
+    assert ">CAT<" not in at.html[2].value and ">cat<" in at.html[2].value  # lowercased
     assert ">·cat<" in at.html[0].value  # BPE keeps the space, shown as ·
 
 
@@ -195,7 +195,7 @@ def test_tokens_page_handles_other_scripts_and_emoji():
     assert not at.exception
     notes = " ".join(m.value for m in at.markdown)
     assert "[UNK]" in notes and "bytes" in notes
-    assert "→[UNK]" in at.html[1].value and "⟨" in at.html[0].value
+    assert "→[UNK]" in at.html[2].value and "⟨" in at.html[0].value
 
 
 def test_tokens_page_empty_and_too_long_text():
@@ -292,13 +292,13 @@ def test_embeddings_page_single_sentence_and_no_sentence():
 def test_embeddings_page_search_and_arithmetic_react():
     at = page("embeddings")
     at.text_input[0].set_value("I love my cat").run()
-    top = at.dataframe[0].value.iloc[0]["sentence"]
+    top = at.dataframe[1].value.iloc[0]["sentence"]  # [0]: the picked sentence's neighbours
     assert top in embeddings_view.PRESETS["pets"]
     arithmetic = [m.value for m in at.markdown if "candidate" in m.value]
     assert "**queen**" in arithmetic[-1]
-    at.selectbox[0].set_value("Paris − France + Germany").run()
+    at.selectbox[1].set_value("Paris − France + Germany").run()
     assert not at.exception
-    assert at.dataframe[1].value.iloc[0]["word"] == "Berlin"
+    assert at.dataframe[2].value.iloc[0]["word"] == "Berlin"
 
 
 def test_embeddings_page_caps_the_visitors_sentences():

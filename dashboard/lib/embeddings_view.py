@@ -134,42 +134,87 @@ TOPIC_COLOURS = {
 }
 
 
-def projection_figure(points: np.ndarray, sentences: list[str], topics: list[str]) -> go.Figure:
-    """2-D or 3-D scatter of projected sentences, coloured by topic; hover shows the sentence."""
+AXIS_NAMES = {"pca": "PC", "tsne": "t-SNE ", "umap": "UMAP "}
+
+
+def axis_titles(method: str, dims: int) -> list[str]:
+    """["PC1", "PC2"], ["t-SNE 1", "t-SNE 2", "t-SNE 3"], ...: what each projected axis is."""
+    return [f"{AXIS_NAMES[method]}{d + 1}" for d in range(dims)]
+
+
+def projection_figure(
+    points: np.ndarray, sentences: list[str], topics: list[str], method: str = "pca"
+) -> go.Figure:
+    """2-D or 3-D scatter of projected sentences, coloured by topic. Each point is labelled with
+    its number (as in the heatmap), so labels stay short and do not overlap; hover shows the
+    whole sentence. Each point's customdata[0] is its index in `sentences` (for selections)."""
+    dims = points.shape[1]
+    titles = axis_titles(method, dims)
     data = {
         "x": points[:, 0],
         "y": points[:, 1],
         "topic": topics,
         "sentence": sentences,
-        "label": [short(s, 22) for s in sentences],
+        "index": list(range(len(sentences))),
+        "label": [str(i + 1) for i in range(len(sentences))],
     }
     common = {
         "color": "topic",
         "color_discrete_map": TOPIC_COLOURS,
         "hover_name": "sentence",
         "text": "label",
+        "custom_data": ["index"],
+        "labels": {"x": titles[0], "y": titles[1]},
     }
-    hover = {"x": False, "y": False, "label": False, "topic": True}
-    if points.shape[1] == 3:
+    hover = {"x": False, "y": False, "label": True, "topic": True, "index": False}
+    if dims == 3:
+        common["labels"] |= {"z": titles[2]}
         figure = px.scatter_3d(data | {"z": points[:, 2]}, x="x", y="y", z="z", **common,
                                hover_data=hover | {"z": False})  # fmt: skip
         figure.update_traces(marker={"size": 5}, textfont={"size": 10})
+        figure.update_layout(
+            scene={"xaxis_title": titles[0], "yaxis_title": titles[1], "zaxis_title": titles[2]}
+        )
     else:
         figure = px.scatter(data, x="x", y="y", **common, hover_data=hover)
-        figure.update_traces(marker={"size": 11}, textposition="top center", textfont={"size": 11})
+        figure.update_traces(marker={"size": 12}, textposition="top center", textfont={"size": 10})
         # Room for the labels: plotly sizes the axes to the markers only.
-        for axis, values, pad in (
-            (figure.update_xaxes, points[:, 0], 0.15),
-            (figure.update_yaxes, points[:, 1], 0.08),
+        for axis, values, pad, title in (
+            (figure.update_xaxes, points[:, 0], 0.06, titles[0]),
+            (figure.update_yaxes, points[:, 1], 0.08, titles[1]),
         ):
             span = float(values.max() - values.min()) or 1.0
             axis(
-                showticklabels=False,
-                title=None,
+                showticklabels=method == "pca",  # t-SNE and UMAP coordinates mean nothing
+                title=title,
                 range=[values.min() - pad * span, values.max() + pad * span],
             )
     figure.update_layout(height=520, margin={"t": 10, "l": 10, "r": 10, "b": 10})
     return figure
+
+
+def selected_index(event) -> int | None:
+    """The sentence index of the first point selected on a `projection_figure` chart (the value
+    `st.plotly_chart(..., on_select="rerun")` returns), or None."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    for point in points:
+        custom = point.get("customdata")
+        if custom:
+            return int(custom[0])
+    return None
+
+
+def neighbour_rows(similarity: np.ndarray, sentences: list[str], index: int, k: int) -> list[dict]:
+    """The `k` sentences closest to sentence `index` by cosine similarity (itself left out)."""
+    order = [int(j) for j in np.argsort(-similarity[index], kind="stable") if j != index][:k]
+    return [
+        {"rank": r + 1, "cosine similarity": round(float(similarity[index, j]), 3),
+         "#": j + 1, "sentence": sentences[j]}
+        for r, j in enumerate(order)
+    ]  # fmt: skip
 
 
 def heatmap_figure(similarity: np.ndarray, sentences: list[str]) -> go.Figure:
@@ -191,6 +236,7 @@ def heatmap_figure(similarity: np.ndarray, sentences: list[str]) -> go.Figure:
     figure.update_layout(
         height=max(420, 22 * len(sentences) + 160),
         margin={"t": 10, "l": 10, "r": 10, "b": 10},
-        yaxis={"autorange": "reversed"},
+        xaxis={"title": "sentence"},
+        yaxis={"autorange": "reversed", "title": "sentence"},
     )
     return figure

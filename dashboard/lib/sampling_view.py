@@ -152,6 +152,35 @@ def survivors(stages: SamplingStages, min_probability: float = 0.01) -> tuple[in
     return int(stages.kept_top_p.sum()), int((stages.final >= min_probability).sum())
 
 
+@dataclass(frozen=True)
+class SamplingCounts:
+    """How many tokens are in play after the filters, at three levels of "in play"."""
+
+    kept: int  # not removed by any filter: probability above zero in exact arithmetic
+    at_least_tiny: int  # of those, with probability >= `tiny` (default 1e-6)
+    at_least_likely: int  # of those, with probability >= `likely` (default 1%)
+    tiny: float
+    likely: float
+
+
+def sampling_counts(
+    stages: SamplingStages, tiny: float = 1e-6, likely: float = 0.01
+) -> SamplingCounts:
+    """Tokens that can be sampled (no filter removed them, however small their chance) and how
+    many of them have a chance of at least ``tiny`` and at least ``likely``. At a low temperature
+    nearly every kept token has a chance far below ``tiny``: "can be sampled" and "entropy 0"
+    are then both true."""
+    kept = stages.kept_top_p
+    final = stages.final
+    return SamplingCounts(
+        kept=int(kept.sum()),
+        at_least_tiny=int((kept & (final >= tiny)).sum()),
+        at_least_likely=int((kept & (final >= likely)).sum()),
+        tiny=tiny,
+        likely=likely,
+    )
+
+
 def sample_frequencies(samples: Tensor, ids: list[int]) -> list[float]:
     """Fraction of ``samples`` equal to each id (samples outside ``ids`` are not shown)."""
     n = samples.numel()
@@ -212,11 +241,15 @@ def distribution_figure(table: pd.DataFrame, frequencies: list[float] | None = N
         )
     fig.update_layout(
         barmode="overlay",
-        xaxis={"categoryorder": "array", "categoryarray": list(table["token"]), "title": None},
+        xaxis={
+            "categoryorder": "array",
+            "categoryarray": list(table["token"]),
+            "title": f"next token (the {len(table)} most likely, · = a space)",
+        },
         yaxis={"title": "probability", "rangemode": "tozero"},
-        legend={"orientation": "h", "y": -0.25},
+        legend={"orientation": "h", "y": -0.35},
         margin={"t": 10, "b": 10},
-        height=420,
+        height=460,
     )
     return fig
 
@@ -259,8 +292,9 @@ def comparison_figure(table: pd.DataFrame, max_words: int = 15) -> go.Figure:
     fig.add_bar(x=labels, y=shown["model"], name="model", marker_color=KEPT)
     fig.update_layout(
         barmode="group",
+        xaxis={"title": "next word"},
         yaxis={"title": "probability of the next word", "rangemode": "tozero"},
-        legend={"orientation": "h", "y": -0.2},
+        legend={"orientation": "h", "y": -0.3},
         margin={"t": 10, "b": 10},
         height=340,
     )

@@ -28,12 +28,21 @@ class Segment:
     start: int  # character span of the source text this token came from
     end: int
     label: str  # what the token stands for, readable, whitespace made visible
-    kind: str  # "text", "bytes" (part of a character's UTF-8 bytes) or "unknown" ([UNK])
+    kind: str  # "text", "bytes" (part of a character's UTF-8 bytes), "unknown" ([UNK]) or
+    # "special" (a control token such as <|im_start|>, not text the user typed)
 
 
 def cap_text(text: str, limit: int = MAX_CHARS) -> tuple[str, bool]:
-    """(text cut to `limit` characters, whether it was cut)."""
-    return (text[:limit], True) if len(text) > limit else (text, False)
+    """(text cut to at most `limit` characters, whether it was cut). The cut falls at the last
+    whitespace, so no word is split in two (a half word would look like a new, unseen word);
+    only text with no whitespace in its first `limit` characters is cut mid-word."""
+    if len(text) <= limit:
+        return text, False
+    if text[limit].isspace():
+        return text[:limit].rstrip(), True
+    head = text[:limit]
+    boundary = max((i for i, c in enumerate(head) if c.isspace()), default=-1)
+    return (head[:boundary].rstrip() if boundary > 0 else head), True
 
 
 def show_whitespace(text: str) -> str:
@@ -125,11 +134,62 @@ def summarize(text: str, segments: list[Segment]) -> Summary:
     return Summary(
         tokens=len(segments),
         characters=len(text),
-        chars_per_token=len(text) / len(segments) if segments else 0.0,
+        chars_per_token=chars_per_token(text, len(segments)),
         unknown=sum(s.kind == "unknown" for s in segments),
         byte_pieces=sum(s.kind == "bytes" for s in segments),
         dropped=dropped,
     )
+
+
+def chars_per_token(text: str, num_tokens: int) -> float:
+    """Characters of `text` per token (0 for no tokens): higher means a more compact encoding."""
+    return len(text) / num_tokens if num_tokens else 0.0
+
+
+def comparison_rows(text: str, views: list[tuple[str, int, list[Segment]]]) -> list[dict]:
+    """One row per tokenizer, (name, vocabulary size, segments), for a side-by-side table."""
+    rows = []
+    for name, vocabulary, segments in views:
+        summary = summarize(text, segments)
+        rows.append(
+            {
+                "tokenizer": name,
+                "vocabulary": f"{vocabulary:,}",
+                "tokens": summary.tokens,
+                "characters per token": round(summary.chars_per_token, 2),
+                "[UNK]": summary.unknown,
+                "byte pieces": summary.byte_pieces,
+            }
+        )
+    return rows
+
+
+def mark_special(tokenizer, segments: list[Segment]) -> list[Segment]:
+    """The same segments, with the tokenizer's special tokens (<|im_start|>, ...) marked."""
+    special = set(tokenizer.all_special_ids)
+    return [
+        Segment(s.token_id, s.token, s.start, s.end, s.token, "special")
+        if s.token_id in special
+        else s
+        for s in segments
+    ]
+
+
+@dataclass(frozen=True)
+class ChatTemplateView:
+    rendered: str  # the conversation as the one string the model reads
+    token_ids: list[int]  # apply_chat_template(..., tokenize=True)
+    segments: list[Segment]  # the rendered string's tokens, special tokens marked
+
+
+def chat_template_view(tokenizer, messages: list[dict[str, str]]) -> ChatTemplateView:
+    """Render `messages` with the tokenizer's chat template, as text and as token ids."""
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    if hasattr(ids, "keys"):  # newer transformers return an encoding
+        ids = ids["input_ids"]
+    segments = mark_special(tokenizer, bpe_segments(tokenizer, rendered))
+    return ChatTemplateView(rendered, list(ids), segments)
 
 
 def segment_rows(segments: list[Segment], text: str) -> list[dict]:
@@ -175,6 +235,8 @@ def _chip_html(s: Segment, colour: str, source: str) -> str:
         style = "background:#ffb3b3; color:#7a0000; border:1px solid #c00; border-radius:4px; padding:1px 2px; margin:0 1px"
     elif s.kind == "bytes":
         style += "; border:1px dashed #555"
+    elif s.kind == "special":
+        style = "background:#333; color:#fff; font-weight:bold; border-radius:4px; padding:1px 3px; margin:0 1px"
     title = f"id {s.token_id} · token {s.token!r} · text {source!r}"
     return f'<span title="{html.escape(title)}" style="{style}">{html.escape(label)}</span>'
 

@@ -20,9 +20,11 @@ from dashboard.lib.embeddings_view import (
     PRESETS,
     SEED_PAIR,
     heatmap_figure,
+    neighbour_rows,
     parse_sentences,
     preset_sentences,
     projection_figure,
+    selected_index,
 )
 from dashboard.resources import sentence_vectors, warm_up_in_background
 
@@ -121,7 +123,22 @@ else:
     )
     with st.spinner(spinner):
         projection = cached_projection(tuple(sentences), method, dims, perplexity, n_neighbors)
-    st.plotly_chart(projection_figure(projection.points, sentences, groups), width="stretch")
+    figure = projection_figure(projection.points, sentences, groups, method)
+    if dims == 2:
+        event = st.plotly_chart(
+            figure, width="stretch", on_select="rerun", selection_mode="points", key="emb_map"
+        )
+        picked = selected_index(event)
+        if picked != st.session_state.get("emb_clicked"):  # a new click, not an old selection
+            st.session_state["emb_clicked"] = picked
+            if picked is not None and picked < n:
+                st.session_state["emb_pick"] = picked
+    else:
+        st.plotly_chart(figure, width="stretch", key="emb_map_3d")
+    st.caption(
+        "Points are numbered as in the lists and the heatmap below; hover for the sentence"
+        + (", click it to list its nearest neighbours." if dims == 2 else ".")
+    )
     if method == "pca":
         st.caption(
             f"PCA is a rotation that keeps the directions of largest spread. These {dims} axes "
@@ -137,8 +154,27 @@ else:
         )
 
 if n >= 2:
-    st.header("Cosine similarity of every pair")
     similarities = cosine_similarity_matrix(vectors)
+    st.subheader("Nearest neighbours of one sentence")
+    if st.session_state.get("emb_pick", 0) >= n:
+        st.session_state["emb_pick"] = 0
+    pick = st.selectbox(
+        "Sentence (or click a point on the 2-D map)",
+        range(n),
+        format_func=lambda i: f"{i + 1}. {sentences[i]}",
+        key="emb_pick",
+    )
+    st.dataframe(
+        pd.DataFrame(neighbour_rows(similarities, sentences, pick, min(5, n - 1))),
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption(
+        "Closeness is measured in the full 384-D space (cosine similarity), not on the map: "
+        "a projection can put true neighbours apart."
+    )
+
+    st.header("Cosine similarity of every pair")
     st.plotly_chart(heatmap_figure(similarities, sentences), width="stretch")
     money, other_money, river = (
         "The bank raised its interest rates.",

@@ -20,9 +20,9 @@ from dashboard.lib.sampling_view import (
     fit_document_prompt,
     next_token_logits,
     sample_frequencies,
+    sampling_counts,
     step_table,
     surprisal_bits,
-    survivors,
     token_label,
     true_next_words,
 )
@@ -38,6 +38,7 @@ TOP_N = 20
 MAX_PROMPT_TOKENS = 1024  # the real model reads 8,192; more than this only slows the page
 N_SAMPLES = 100
 MAX_STEPS = 40
+DEFAULT_STEPS = 12
 CUSTOM = "(your own text)"
 
 
@@ -57,6 +58,7 @@ def generation(
     top_p: float,
     seed: int,
     budget: int,
+    stop_at_end: bool = False,
 ):
     model, tokenizer = tutor(name)
     steps = stream_steps(
@@ -67,7 +69,7 @@ def generation(
         top_k=top_k or None,
         top_p=top_p,
         seed=seed,
-        stop_ids=stop_ids(tokenizer, model.config),
+        stop_ids=stop_ids(tokenizer, model.config) if stop_at_end else (),
     )
     return list(steps)
 
@@ -117,6 +119,14 @@ temperature = col_t.slider(
 )
 top_k = col_k.slider("Top-k (0 = off)", 0, 50, 0, 1, key="nt_top_k")
 top_p = col_p.slider("Top-p (1 = off)", 0.01, 1.0, 1.0, 0.01, key="nt_top_p")
+
+st.latex(r"p_i = \frac{\exp(z_i / T)}{\sum_{j} \exp(z_j / T)}")
+st.caption(
+    "Softmax with temperature: z_i is token i's logit, T the temperature, and the sum runs over "
+    "the whole vocabulary. Dividing by a small T stretches the gaps between the logits, so the "
+    "top token takes almost all the probability; a large T shrinks them and flattens the "
+    "distribution. Top-k and top-p then remove tokens and the rest are renormalised to sum to 1."
+)
 
 with st.expander("What do temperature, top-k and top-p do?", expanded=False):
     st.markdown(
@@ -184,14 +194,22 @@ st.plotly_chart(distribution_figure(table, frequencies), key="nt_chart")
 
 shown_mass = float(stages.original[list(table["id"])].sum())
 m1, m2, m3 = st.columns(3)
-in_play, likely = survivors(stages)
+counts = sampling_counts(stages)
 m1.metric(
     "Tokens that can still be sampled",
-    f"{in_play:,} of {logits.numel():,}",
-    help=f"{likely:,} of them have a chance of at least 1%.",
+    f"{counts.kept:,} of {logits.numel():,}",
+    help="Tokens that no filter removed: in exact arithmetic their probability is above zero, "
+    "however small.",
 )
 m2.metric("Entropy of what is sampled", f"{entropy(stages.final):.2f} nats")
 m3.metric(f"Model probability in these {len(table)} bars", f"{shown_mass:.1%}")
+st.caption(
+    f"“Can be sampled” means no filter (temperature 0, top-k, top-p) removed the token, even if "
+    f"its chance is vanishingly small. Of these {counts.kept:,}, **{counts.at_least_tiny:,}** "
+    f"have a chance of at least one in a million and **{counts.at_least_likely:,}** of at least "
+    f"1%. At a low temperature nearly all the probability sits on one token, so the entropy is "
+    f"close to 0 although thousands of tokens could, in principle, still be drawn."
+)
 st.dataframe(
     table.drop(columns="id"),
     hide_index=True,
@@ -241,11 +259,29 @@ st.markdown(
     "The table lists the model's favourites at that step (temperature 1, before any filter), so "
     "you can see when the sampler picked something other than the top token."
 )
-seed_col, b1, b2, b3 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
+seed_col, steps_col, stop_col = st.columns([1, 2, 2], vertical_alignment="bottom")
 gen_seed = seed_col.number_input("Seed", value=0, step=1, key="nt_gen_seed")
+wanted = steps_col.slider("Tokens to generate", 1, MAX_STEPS, DEFAULT_STEPS, key="nt_steps")
+stop_at_end = stop_col.checkbox(
+    "Stop at the end-of-text token",
+    value=False,
+    key="nt_stop_at_end",
+    help="Off: when the model samples its end token, the page shows it and keeps going, so "
+    "you see what the model writes after it (for tutor-base, a new document).",
+)
+b1, b2, b3, _ = st.columns([1, 1, 1, 2])
 gen_ids = prompt.ids[-(context - 1) :]  # leave room for at least one new token
-budget = min(MAX_STEPS, context - len(gen_ids))
-settings = (model_name, tuple(gen_ids), temperature, top_k, top_p, int(gen_seed), budget)
+budget = min(wanted, context - len(gen_ids))
+settings = (
+    model_name,
+    tuple(gen_ids),
+    temperature,
+    top_k,
+    top_p,
+    int(gen_seed),
+    budget,
+    stop_at_end,
+)
 if st.session_state.get("nt_steps_for") != settings:
     st.session_state["nt_steps_for"] = settings
     st.session_state["nt_shown"] = 0
@@ -282,4 +318,4 @@ if shown == len(steps) and shown > 0:
     if len(steps) < budget:
         st.caption("The model ended the text here (it sampled its end-of-text token).")
     else:
-        st.caption(f"Stopped after {len(steps)} tokens (the most this page generates).")
+        st.caption(f"Stopped after {len(steps)} tokens, the number asked for.")

@@ -1,5 +1,6 @@
-"""Tokens: your text split by our byte-level BPE and by MiniLM's WordPiece, side by side; why
-models read tokens and not words; tokens vs parameters with published figures."""
+"""Tokens: your text split by our byte-level BPE, SmolLM2's 49k BPE and MiniLM's WordPiece, side
+by side; a chat template's special tokens; why models read tokens and not words; tokens vs
+parameters with published figures."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import pandas as pd
 import streamlit as st
 
 from core.content import corpus
-from core.models import resolve_model_path
+from core.embedded import EmbeddedModelError, embedded_folder
+from core.models import FOUNDATION_MODEL, resolve_model_path
+from core.tokenizer import load_tokenizer
 from dashboard.lib.tokens import (
     MAX_CHARS,
     bpe_segments,
     cap_text,
+    chat_template_view,
+    comparison_rows,
     scale_rows,
     segment_rows,
     segments_html,
@@ -30,11 +35,34 @@ EXAMPLES = {
     "Other scripts and emoji": "Café naïve — 東京は晴れ。 Привет, мир! مرحبا 🙂👍🏽",
 }
 
+CONVERSATION = [
+    {"role": "system", "content": "You are a patient tutor."},
+    {"role": "user", "content": "What is a token?"},
+    {"role": "assistant", "content": "A piece of text the model reads as one unit."},
+]
+
+
+@st.cache_resource(show_spinner=False)
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer only (no weights): fast once the model is converted."""
+    return load_tokenizer(embedded_folder(FOUNDATION_MODEL))
+
+
+def real_tokenizer():
+    """SmolLM2's tokenizer, or None (with a note) when its package is not installed."""
+    try:
+        with st.spinner("Preparing SmolLM2-135M-Instruct (first use only, about 20 s) ..."):
+            return smollm2_tokenizer()
+    except EmbeddedModelError as error:
+        st.info(f"SmolLM2's tokenizer is not available here: {error}")
+        return None
+
+
 st.title("Tokens")
 st.markdown(
     "A language model never sees letters or words. A **tokenizer** first cuts the text into "
     "pieces from a fixed vocabulary and replaces each piece by its number (its **id**); the "
-    "model reads and writes those numbers. Type below and compare two real tokenizers."
+    "model reads and writes those numbers. Type below and compare three real tokenizers."
 )
 
 example = st.selectbox("Start from an example", list(EXAMPLES))
@@ -42,46 +70,70 @@ raw = st.text_area("Text to tokenize", value=EXAMPLES[example], height=110, key=
 text, was_cut = cap_text(raw)
 if was_cut:
     st.warning(
-        f"The text has {len(raw):,} characters; this page tokenizes the first {MAX_CHARS:,} only."
+        f"The text has {len(raw):,} characters; this page tokenizes the first {len(text):,} "
+        f"only (up to {MAX_CHARS:,}, cut at the last space so that no word is split)."
     )
 if not text:
     st.info("Type some text (or pick an example) to see how it is split into tokens.")
     st.stop()
 
-bpe, wordpiece = tutor_tokenizer("tutor-base"), wordpiece_tokenizer()
-views = (
+bpe, wordpiece, smol = tutor_tokenizer("tutor-base"), wordpiece_tokenizer(), real_tokenizer()
+views = [
     (
         "Our tutor: byte-level BPE",
-        f"{len(bpe):,} tokens in the vocabulary, learnt from the bundled corpus",
+        f"{len(bpe):,} tokens, learnt from the bundled corpus",
+        len(bpe),
         bpe_segments(bpe, text),
     ),
+]
+if smol is not None:
+    views.append(
+        (
+            "SmolLM2-135M: byte-level BPE",
+            f"{len(smol):,} tokens, learnt from trillions of tokens of web text, code and maths",
+            len(smol),
+            bpe_segments(smol, text),
+        )
+    )
+views.append(
     (
         "MiniLM: WordPiece (BERT, uncased)",
-        f"{len(wordpiece):,} tokens in the vocabulary, BERT's uncased vocabulary (2018)",
+        f"{len(wordpiece):,} tokens, BERT's uncased vocabulary (2018)",
+        len(wordpiece),
         wordpiece_segments(wordpiece, text),
-    ),
+    )
+)
+st.dataframe(
+    pd.DataFrame(comparison_rows(text, [(t, n, seg) for t, _, n, seg in views])),
+    hide_index=True,
+    column_config={"characters per token": st.column_config.NumberColumn(format="%.2f")},
+)
+st.caption(
+    f"Characters per token = {len(text):,} characters ÷ the number of tokens: the higher, the "
+    "more text fits in the same number of tokens (and the cheaper a model is to run on it). A "
+    "bigger vocabulary learnt from more varied text usually packs more characters into a token."
 )
 st.caption(
     "Whitespace is shown as · (space), → (tab) and ↵ (newline). Hover over a token for its id. "
     "Grey struck-through text was dropped by the tokenizer; a dashed box is one byte of a "
     "character the tokenizer split into bytes; red is [UNK], text the tokenizer cannot represent."
 )
-columns = st.columns(2)
-for column, (title, about, segments) in zip(columns, views, strict=True):
+columns = st.columns(len(views))
+for column, (title, about, _, segments) in zip(columns, views, strict=True):
     summary = summarize(text, segments)
     with column:
         st.subheader(title)
         st.caption(about)
-        a, b, c = st.columns(3)
-        a.metric("tokens", summary.tokens)
-        b.metric("characters per token", f"{summary.chars_per_token:.2f}")
-        c.metric("unknown [UNK]", summary.unknown)
+        st.markdown(
+            f"**{summary.tokens}** tokens · **{summary.chars_per_token:.2f}** characters per "
+            f"token · **{summary.unknown}** [UNK]"
+        )
         st.html(segments_html(text, segments))
         st.code(" ".join(str(s.token_id) for s in segments), language=None, wrap_lines=True)
         with st.expander("Every token"):
             st.dataframe(pd.DataFrame(segment_rows(segments, text)), hide_index=True)
 
-bpe_summary, wp_summary = (summarize(text, segments) for _, _, segments in views)
+bpe_summary, wp_summary = summarize(text, views[0][3]), summarize(text, views[-1][3])
 notes = []
 if bpe_summary.byte_pieces:
     notes.append(
@@ -104,10 +156,42 @@ if wp_summary.dropped:
 for note in notes:
     st.markdown("- " + note)
 
+if smol is not None:
+    st.header("A conversation, as the model reads it")
+    st.markdown(
+        "A chat model reads a conversation as **one string**. Its **chat template** writes each "
+        "message between special tokens that mark who is speaking; SmolLM2 uses "
+        "`<|im_start|>` + role ... `<|im_end|>` (the ChatML format). Each special token is a "
+        "single id that ordinary text never produces, so a user cannot fake a turn by typing "
+        "the letters. To get an answer, the app ends the string with "
+        "`<|im_start|>assistant` and a newline, and the model writes the rest."
+    )
+    chat = chat_template_view(smol, CONVERSATION)
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**The messages**")
+        st.json(CONVERSATION, expanded=True)
+    with right:
+        st.markdown(
+            "**Rendered by SmolLM2's template** (`apply_chat_template(..., tokenize=False)`)"
+        )
+        st.code(chat.rendered, language=None, wrap_lines=True)
+    st.markdown("**Its tokens** (special tokens in black)")
+    st.html(segments_html(chat.rendered, chat.segments))
+    special = sorted({(s.token, s.token_id) for s in chat.segments if s.kind == "special"})
+    st.code(" ".join(str(i) for i in chat.token_ids), language=None, wrap_lines=True)
+    st.caption(
+        f"{len(chat.token_ids)} token ids; the special ones: "
+        + ", ".join(f"{token} = {token_id}" for token, token_id in special)
+        + ". Leave out the system message and SmolLM2's template adds its own "
+        "(“You are a helpful AI assistant named SmolLM, trained by Hugging Face”)."
+    )
+
 st.header("Why tokens, and not words or letters?")
 words = text.split()
 vocabulary = corpus.corpus_vocabulary()
-unseen = sorted({w for w in corpus.split_words(text) if w not in vocabulary})
+whole_words = text if not was_cut or raw[len(text)].isspace() else " ".join(text.split()[:-1])
+unseen = sorted({w for w in corpus.split_words(whole_words) if w not in vocabulary})
 unseen_list = ", ".join(f"`{w}`" for w in unseen[:12]) + (" ..." if len(unseen) > 12 else "")
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("UTF-8 bytes", len(text.encode("utf-8")))
