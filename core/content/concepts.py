@@ -53,9 +53,9 @@ CONCEPTS: list[Concept] = [
         "generative-ai",
         "Generative AI",
         "taxonomy",
-        "Generative AI is the part of deep learning that creates new content such as text, "
-        "images, audio or code. A generative model learns the patterns of its training data and "
-        "then samples new examples that follow them.",
+        "Generative AI is the part of AI that creates new content such as text, images, audio "
+        "or code; today it is built with deep learning. A generative model learns the patterns "
+        "of its training data and then samples new examples that follow them.",
         ["generative AI", "new content", "generate"],
     ),
     Concept(
@@ -63,8 +63,8 @@ CONCEPTS: list[Concept] = [
         "AI, ML, DL and generative AI",
         "taxonomy",
         "The four fields nest inside each other: artificial intelligence contains machine "
-        "learning, machine learning contains deep learning, and deep learning contains generative "
-        "AI.",
+        "learning, machine learning contains deep learning, and deep learning contains today's "
+        "generative AI (older generative models, such as n-gram text models, were not deep).",
         ["nested", "contains", "subset"],
     ),
     Concept(
@@ -101,8 +101,10 @@ CONCEPTS: list[Concept] = [
         "taxonomy",
         "The transformer is the neural network architecture behind today's language models, "
         "introduced in 2017 in the paper Attention Is All You Need. Its attention layers let "
-        "every token look at the tokens before it. GPT models use only the decoder part; BERT "
-        "uses only the encoder and is built for understanding text, not generating it.",
+        "each token look at other tokens: in a decoder such as GPT only at the tokens before it "
+        "(the causal mask), in an encoder such as BERT at those on both sides. GPT models use "
+        "only the decoder part; BERT uses only the encoder and is built for understanding text, "
+        "not for free-running generation.",
         ["transformer", "attention", "decoder"],
     ),
     Concept(
@@ -195,7 +197,9 @@ CONCEPTS: list[Concept] = [
         "next_token",
         "While generating, a transformer keeps the keys and values of earlier tokens in a KV "
         "cache, so each new token needs only one new step instead of re-reading the whole text. "
-        "It makes the time per token stay flat as the text grows.",
+        "It removes that recomputation, but each new token still attends over every cached "
+        "position, so the time per token still grows (slowly) with the text, and the cache "
+        "takes memory that grows with it too.",
         ["KV cache", "keys and values"],
     ),
     Concept(
