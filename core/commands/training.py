@@ -1,4 +1,5 @@
-"""The training-stage subcommands: `pretrain`, `sft`, `reward`, `rlhf`, `pipeline`. Each builds
+"""The training-stage subcommands: `pretrain`, `sft`, `reward`, `rlhf`, `pipeline` (and
+`feedback-retrain`, on the dashboard's stored rankings). Each builds
 its stage's config from YAML, `--set key=value` and flags (in that order of precedence, flags
 last), and calls the stage in core/stages/."""
 
@@ -254,9 +255,51 @@ def _check_pipeline_values(cfg, output_dir: Path) -> None:
             raise ConfigError(f"{cfg.source or 'pipeline config'}: {name}: {e}") from None
 
 
+@cli_errors
+def feedback_retrain_command(
+    db: Annotated[Path, typer.Option(help="The feedback store (SQLite) of ranked answers.")] = Path(
+        "runs/feedback.db"
+    ),
+    output_dir: Annotated[Path, typer.Option(help="reward/ and policy/ (the new tutor).")] = Path(
+        "runs/feedback"
+    ),
+    model: Annotated[str, typer.Option(help="Backbone of the reward model and policy start.")] = (
+        "tutor-sft"
+    ),
+    reward_steps: Annotated[int, typer.Option(help="Reward-model optimizer steps.")] = 20,
+    policy_steps: Annotated[int, typer.Option(help="DPO optimizer steps.")] = 10,
+    quiet: QuietOpt = False,
+) -> None:
+    """Retrain a reward model and a DPO policy on the rankings stored in --db
+    (core.stages.feedback.retrain); writes OUTPUT_DIR/retrain.json."""
+    from core.atomic import write_text_atomic
+    from core.stages.feedback import FeedbackStore, retrain
+
+    if not db.is_file():
+        raise ConfigError(f"{db}: no feedback store yet (rank some answers first)")
+    if reward_steps < 1 or policy_steps < 1:
+        raise ConfigError("--reward-steps and --policy-steps must be at least 1")
+    # Small evaluation/checkpoint intervals: the lab runs a few steps, so the defaults
+    # (every 25-100 steps) would mean no eval point and no resumable checkpoint.
+    reward = {
+        "max_steps": reward_steps,
+        "eval_every": reward_steps,
+        "checkpoint_every": max(1, reward_steps // 2),
+    }
+    policy = {"max_steps": policy_steps, "eval_every": policy_steps,
+              "checkpoint_every": max(1, policy_steps // 2), "eval_samples": 1}  # fmt: skip
+    with FeedbackStore(db) as store:
+        reports = retrain(store, output_dir, model, reward, policy, progress=not quiet)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(reports, indent=2, default=str) + "\n"
+    write_text_atomic(output_dir / "retrain.json", text)
+    typer.echo(text)
+
+
 def register(app: typer.Typer) -> None:
     app.command("pretrain")(pretrain_command)
     app.command("sft")(sft_command)
     app.command("reward")(reward_command)
     app.command("rlhf")(rlhf_command)
     app.command("pipeline")(pipeline_command)
+    app.command("feedback-retrain")(feedback_retrain_command)

@@ -4,6 +4,7 @@ training curves, the pipeline's figures, and the human-feedback lab's candidate 
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 import pandas as pd
@@ -64,19 +65,45 @@ def figures_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame({k: [v.get(s) for s in stages] for k, v in rows.items()}, index=stages).T
 
 
-def answers_side_by_side(models: dict, question: str, temperature: float, seed: int) -> dict:
-    """{stage label: answer} for one question; models maps label -> (model, tokenizer)."""
-    return {
-        label: answer(model, tok, question, temperature=temperature, seed=seed)
-        for label, (model, tok) in models.items()
-    }
+# How many answers the models generated in this process: the tests check that a rerun with the
+# same inputs is served from the cache (a real count, not a mock).
+ANSWER_CALLS = {"count": 0}
+
+
+def _answer(model, tok, question: str, temperature: float, seed: int) -> str:
+    ANSWER_CALLS["count"] += 1
+    return answer(model, tok, question, temperature=temperature, seed=seed)
+
+
+def answers_side_by_side(
+    models: dict, question: str, temperature: float, seed: int, cache: dict | None = None
+) -> dict:
+    """{stage label: answer} for one question; models maps label -> (model, tokenizer). With
+    `cache` (a dict the page keeps in session state), an answer already generated for the same
+    (label, question, temperature, seed) is reused: every widget change reruns the page, and
+    three models' answers took 3-4 s."""
+    replies = {}
+    for label, (model, tok) in models.items():
+        key = (label, question, float(temperature), int(seed))
+        if cache is not None and key in cache:
+            replies[label] = cache[key]
+            continue
+        replies[label] = _answer(model, tok, question, temperature, seed)
+        if cache is not None:
+            cache[key] = replies[label]
+    return replies
+
+
+def fresh_seed() -> int:
+    """A new seed per "Sample answers" click: a fixed seed gave the same answers every time."""
+    return secrets.randbelow(2**31 - 1)
 
 
 def candidate_answers(model, tokenizer, question: str, n: int, seed: int) -> list[str]:
     """`n` different sampled answers to rank (temperature 1.2 for variety; duplicates dropped)."""
     seen: list[str] = []
     for i in range(n * 4):
-        text = answer(model, tokenizer, question, temperature=1.2, seed=seed + i)
+        text = _answer(model, tokenizer, question, 1.2, seed + i)
         if text and text not in seen:
             seen.append(text)
         if len(seen) == n:
@@ -120,3 +147,210 @@ def stored_pairs(db: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     first = skipped[0][1]
     message = f"{db}: left out {len(skipped)} malformed comparison(s) (ids {ids}; first: {first})."
     return pairs, [("warning", message)]
+
+
+# --- "Train your own tiny tutor": the pipeline as a job ----------------------------------------
+
+# The pipeline command has no --set: a preset is a small pipeline YAML written outside the
+# package (core/configs holds the shipped recipes), next to cut-down held-out files so the final
+# evaluation takes seconds, not minutes.
+PIPELINE_STAGES = ("base", "sft", "reward", "rlhf")
+PIPELINE_CURVES = {
+    "base": ("loss", "eval_loss"),
+    "sft": ("loss", "eval_loss"),
+    "reward": ("loss", "accuracy", "eval_accuracy"),
+    "rlhf": ("reward", "kl", "entropy", "clip_fraction"),
+}
+_STEP_KEYS = {"base": "pretrain", "sft": "sft", "reward": "reward", "rlhf": "rlhf"}
+TINY_PRESETS: dict[str, dict] = {
+    # About a minute on 2 shared CPU cores: a smaller corpus and a few steps per stage.
+    "tiny (about 1 minute)": {
+        "pretrain": {
+            "num_documents": 1500,
+            "eval_documents": 100,
+            "max_steps": 30,
+            "batch_size": 8,
+            "warmup_steps": 5,
+            "eval_every": 15,
+            "eval_batches": 2,
+            "checkpoint_every": 15,
+        },
+        "sft": {
+            "max_steps": 8,
+            "batch_size": 8,
+            "warmup_steps": 2,
+            "eval_every": 8,
+            "checkpoint_every": 4,
+        },
+        "reward": {"max_steps": 6, "batch_size": 8, "eval_every": 6, "checkpoint_every": 3},
+        "rlhf": {
+            "method": "ppo",
+            "max_steps": 3,
+            "batch_size": 4,
+            "minibatches": 2,
+            "ppo_epochs": 1,
+            "warmup_steps": 1,
+            "max_new_tokens": 24,
+            "eval_every": 3,
+            "checkpoint_every": 1,
+            "eval_samples": 1,
+        },
+    },
+    "small (about 2 minutes)": {
+        "pretrain": {
+            "num_documents": 3000,
+            "eval_documents": 200,
+            "max_steps": 60,
+            "batch_size": 8,
+            "warmup_steps": 5,
+            "eval_every": 20,
+            "eval_batches": 2,
+            "checkpoint_every": 20,
+        },
+        "sft": {
+            "max_steps": 16,
+            "batch_size": 8,
+            "warmup_steps": 2,
+            "eval_every": 8,
+            "checkpoint_every": 8,
+        },
+        "reward": {"max_steps": 10, "batch_size": 8, "eval_every": 10, "checkpoint_every": 5},
+        "rlhf": {
+            "method": "ppo",
+            "max_steps": 4,
+            "batch_size": 4,
+            "minibatches": 2,
+            "ppo_epochs": 1,
+            "warmup_steps": 1,
+            "max_new_tokens": 32,
+            "eval_every": 4,
+            "checkpoint_every": 2,
+            "eval_samples": 1,
+        },
+    },
+}
+HELDOUT_ROWS = 8  # held-out questions / preference prompts kept for the tiny run's evaluation
+
+
+def _head(source: Path, target: Path, rows: int) -> Path:
+    lines = [x for x in source.read_text("utf-8").splitlines() if x.strip()][:rows]
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+def write_tiny_config(preset: str, folder: Path) -> Path:
+    """Write preset `preset`'s pipeline YAML (and its cut-down held-out files) into `folder`;
+    returns the YAML's path. Raises KeyError for an unknown preset."""
+    import yaml
+
+    from core.stages.pipeline import CONFIG_DIR, PipelineConfig
+    from core.stages.rlhf import RLHFConfig
+
+    stages = TINY_PRESETS[preset]
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = preset.split()[0]
+    heldout = _head(Path(PipelineConfig.heldout_file), folder / f"{slug}-heldout.jsonl", 8)
+    prefs = _head(Path(RLHFConfig.eval_file), folder / f"{slug}-prefs.jsonl", HELDOUT_ROWS)
+    data = {
+        "base_model": None,
+        "pretrain_config": str(CONFIG_DIR / "tutor-base.yaml"),
+        "pretrain": stages["pretrain"],
+        "sft": stages["sft"],
+        "reward": {**stages["reward"]},
+        "rlhf": {**stages["rlhf"], "eval_file": str(prefs)},
+        "dpo": None,  # the page compares the PPO tutor; DPO would add a stage's time
+        "threads": 2,
+        "eval_samples": 1,
+        "heldout_file": str(heldout),
+        "sample_prompts": ["What is a token?"],
+    }
+    path = folder / f"{slug}-pipeline.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def pipeline_argv(config: Path) -> list[str]:
+    """The command the page runs (as a user would type it); the job adds --output-dir."""
+    return ["genai-lab", "pipeline", "--config", str(config), "--quiet"]
+
+
+def pipeline_progress(out: Path, config: Path | None = None) -> tuple[float, str]:
+    """(fraction done, which stage) of a pipeline run in `out`, from its files alone: a stage
+    counts as done once its model folder exists, the running one by its metrics' last step."""
+    import yaml
+
+    totals: dict[str, int] = {}
+    if config is not None and config.is_file():
+        data = yaml.safe_load(config.read_text("utf-8")) or {}
+        totals = {
+            s: int((data.get(section) or {}).get("max_steps", 0))
+            for s, section in _STEP_KEYS.items()
+        }
+    done = 0.0
+    for stage in PIPELINE_STAGES:
+        if (out / stage / "config.json").is_file():
+            done += 1
+            continue
+        frame = pipeline_metrics(out, stage)
+        step = int(frame["step"].max()) if "step" in frame and not frame.empty else 0
+        total = totals.get(stage) or 0
+        done += min(1.0, step / total) if total else 0.0
+        return done / len(PIPELINE_STAGES), stage
+    finished = (out / "report.md").is_file()
+    return (1.0, "done") if finished else (0.99, "evaluate")
+
+
+def pipeline_metrics(out: Path, stage: str) -> pd.DataFrame:
+    """One stage's metrics.jsonl of a pipeline run (a line still being written is skipped)."""
+    path = out / "runs" / stage / "metrics.jsonl"
+    rows = []
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except OSError:
+        return pd.DataFrame()
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return pd.DataFrame(rows)
+
+
+def pipeline_curves(out: Path) -> list[go.Figure]:
+    """One titled figure per quantity (each on its own axis) of every stage with metrics."""
+    figures = []
+    for stage in PIPELINE_STAGES:
+        frame = pipeline_metrics(out, stage)
+        for key in PIPELINE_CURVES[stage]:
+            if key in frame and "step" in frame and frame[key].notna().any():
+                figures.append(curve_figure(frame, (key,), f"{stage}: {key}"))
+    return figures
+
+
+# --- the feedback lab's retrain job -------------------------------------------------------------
+
+
+def retrain_argv(db: Path, reward_steps: int = 20, policy_steps: int = 10) -> list[str]:
+    """The retrain command (`genai-lab feedback-retrain`); the job adds --output-dir."""
+    return [
+        "genai-lab", "feedback-retrain", "--db", str(db),
+        "--reward-steps", str(reward_steps), "--policy-steps", str(policy_steps),
+    ]  # fmt: skip
+
+
+def retrain_summary(out: Path) -> dict | None:
+    """The figures of a finished retrain (its retrain.json), or None while there is none."""
+    path = out / "retrain.json"
+    try:
+        reports = json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    summary: dict = {"pairs": reports.get("pairs")}
+    for stage in ("reward", "policy"):
+        report = reports.get(stage) or {}
+        summary[stage] = {
+            k: v
+            for k, v in report.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    return summary

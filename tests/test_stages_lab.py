@@ -1,0 +1,140 @@
+"""The training-stages labs: the tiny pipeline as a job, cached stage answers, fresh samples for
+ranking, and the feedback-retrain command."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from core.models import PRETRAINED_DIR
+from dashboard.lib import jobs, stages_view
+
+needs_tutor = pytest.mark.skipif(
+    not (PRETRAINED_DIR / "tutor-sft" / "config.json").is_file(), reason="no shipped tutor"
+)
+PAGE = Path(__file__).resolve().parents[1] / "dashboard" / "views" / "training_stages.py"
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "jobs"
+    monkeypatch.setenv(jobs.JOBS_ENV, str(folder))  # never the user's data folder
+    return folder
+
+
+def _params(command: str) -> set[str]:
+    import typer
+
+    from core.cli import build_app
+
+    group = typer.main.get_command(build_app())
+    return {opt for p in group.commands[command].params for opt in p.opts}
+
+
+@pytest.mark.parametrize("preset", list(stages_view.TINY_PRESETS))
+def test_tiny_preset_gives_a_valid_pipeline_command(tmp_path, preset):
+    from core.commands.training import _check_pipeline_values
+    from core.stages.pipeline import load_pipeline_config
+
+    config = stages_view.write_tiny_config(preset, tmp_path)
+    argv = stages_view.pipeline_argv(config)
+    assert argv[:2] == ["genai-lab", "pipeline"]
+    flags = {a for a in argv if a.startswith("--")} | {"--output-dir"}  # the job adds it
+    assert flags <= _params("pipeline")
+    cfg = load_pipeline_config(config)  # keys and types, as the command loads them
+    _check_pipeline_values(cfg, tmp_path / "out")  # every stage's values
+    assert cfg.dpo is None and cfg.pretrain["max_steps"] <= 60
+
+
+def test_retrain_argv_names_real_flags(tmp_path):
+    argv = stages_view.retrain_argv(tmp_path / "feedback.db", 3, 2)
+    assert argv[:2] == ["genai-lab", "feedback-retrain"]
+    assert {a for a in argv if a.startswith("--")} | {"--output-dir"} <= _params("feedback-retrain")
+
+
+def test_feedback_retrain_without_a_store_is_one_line(tmp_path):
+    from core.cli import build_app
+
+    result = CliRunner().invoke(
+        build_app(), ["feedback-retrain", "--db", str(tmp_path / "none.db"), "--output-dir", "x"]
+    )
+    assert result.exit_code != 0
+    assert "no feedback store yet" in result.output and "Traceback" not in result.output
+
+
+@needs_tutor
+def test_stage_answers_are_cached_per_question_temperature_and_seed():
+    from dashboard.resources import tutor
+
+    models = {"sft": tutor("tutor-sft")}
+    cache: dict = {}
+    before = stages_view.ANSWER_CALLS["count"]
+    first = stages_view.answers_side_by_side(models, "What is a token?", 1.0, 3, cache)
+    assert stages_view.ANSWER_CALLS["count"] == before + 1
+    again = stages_view.answers_side_by_side(models, "What is a token?", 1.0, 3, cache)
+    assert again == first and stages_view.ANSWER_CALLS["count"] == before + 1  # not regenerated
+    stages_view.answers_side_by_side(models, "What is a token?", 1.0, 4, cache)  # new seed
+    assert stages_view.ANSWER_CALLS["count"] == before + 2
+
+
+@needs_tutor
+def test_two_sample_clicks_give_different_answers(tmp_path, monkeypatch, root):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("GENAI_LAB_FEEDBACK_DB", str(tmp_path / "feedback.db"))
+    at = AppTest.from_file(str(PAGE), default_timeout=120)
+    at.run()
+    assert not at.exception
+    sample = next(b for b in at.button if b.label == "Sample answers")
+    sample.click().run()
+    first = at.session_state["lab"][1]
+    calls = stages_view.ANSWER_CALLS["count"]
+    next(b for b in at.button if b.label == "Sample answers").click().run()
+    second = at.session_state["lab"][1]
+    assert not at.exception
+    assert first != second  # a fresh seed per click
+    # The three stages' answers above were served from the cache on both reruns: only the
+    # sampled candidates called the model.
+    assert stages_view.ANSWER_CALLS["count"] - calls <= 4 * len(second)
+
+
+def test_pipeline_progress_and_curves_read_the_run_folder(tmp_path):
+    out = tmp_path / "out"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "config.json").write_text("{}")
+    runs = out / "runs" / "sft"
+    runs.mkdir(parents=True)
+    runs.joinpath("metrics.jsonl").write_text(
+        '{"step": 4, "loss": 2.0}\n{"step": 8, "loss": 1.5, "eval_loss": 1.7}\n{"step": 9, "lo'
+    )  # the last line is still being written
+    config = stages_view.write_tiny_config("tiny (about 1 minute)", tmp_path / "cfg")
+    fraction, stage = stages_view.pipeline_progress(out, config)
+    assert stage == "sft" and fraction == pytest.approx(2 / 4)  # base done, sft 8/8 steps
+    titles = [f.layout.title.text for f in stages_view.pipeline_curves(out)]
+    assert titles == ["sft: loss", "sft: eval_loss"]
+
+
+@needs_tutor
+@pytest.mark.slow
+def test_tiny_pipeline_job_runs_to_the_end_and_leaves_curves(tmp_path, root, monkeypatch):
+    # Even smaller than the "tiny" preset, so the test stays under a minute on 2 shared cores.
+    preset = {k: dict(v) for k, v in stages_view.TINY_PRESETS["tiny (about 1 minute)"].items()}
+    preset["pretrain"].update(num_documents=400, max_steps=8, eval_every=8, checkpoint_every=8)
+    monkeypatch.setitem(stages_view.TINY_PRESETS, "test", preset)
+    config = stages_view.write_tiny_config("test", tmp_path / "cfg")
+    job = jobs.start(stages_view.pipeline_argv(config), output_flag="--output-dir")
+    try:
+        # About 45 s on 2 idle cores; a busy machine (another test run) can double that.
+        deadline = time.monotonic() + 170
+        while job.active and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        job.cancel(grace_s=2)  # never leave a pipeline running after a failed test
+    assert job.status == "done", job.log_tail()
+    assert stages_view.pipeline_progress(job.output_dir, config) == (1.0, "done")
+    titles = [f.layout.title.text for f in stages_view.pipeline_curves(job.output_dir)]
+    assert "base: loss" in titles and "rlhf: reward" in titles
+    assert (job.output_dir / "rlhf" / "config.json").is_file()
