@@ -52,7 +52,10 @@ st.markdown(
     f"encoder, trained on over a billion sentence pairs to put related sentences near each "
     f"other) reads each sentence and returns **{EMBEDDING_DIM} numbers**: its token vectors, "
     f"averaged and scaled to length 1. The closeness of two sentences is the **cosine "
-    f"similarity** of their vectors: 1 for the same direction, around 0 for unrelated."
+    f"similarity** of their vectors, the cosine of the angle between them (not the angle "
+    f"itself): 1 for the same direction, 0 at right angles (unrelated), -1 for opposite. "
+    f"Learning such vectors from data, instead of designing features by hand, is called "
+    f"**representation learning**; every deep network does it in its layers."
 )
 st.caption(
     "The dimensions have no names: no single number means 'size' or 'topic'. Meaning is spread "

@@ -37,7 +37,9 @@ st.markdown(
     "d·k. B starts at zero, so training starts from exactly the pre-trained model; afterwards "
     "BA can be added into W, so the fine-tuned model is no slower. On GPT-3 175B the LoRA paper "
     "reports 10,000 times fewer trainable parameters and a third of the GPU memory of full "
-    "fine-tuning with Adam."
+    "fine-tuning with Adam. Fine-tuning in any form is **transfer learning**: what the model "
+    "learned in pre-training carries over to the new task, so a few hundred examples can "
+    "teach what would take billions of tokens from scratch."
 )
 
 model, _ = tutor(MODEL)

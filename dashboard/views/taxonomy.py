@@ -111,6 +111,42 @@ st.caption(
     "product built on code models (first Codex), not a model itself."
 )
 
+st.markdown(
+    "A **multimodal** model works with more than one modality (text, images, audio, video) in "
+    "its input, its output or both. Most of today's are read-many, write-text: they take an "
+    "image and a question and answer in words. Being multimodal does not mean producing "
+    "several kinds of content at once."
+)
+
+st.header("Building with models")
+st.markdown(
+    """
+**The AI engineer's job** is less training models than building products on them: choosing a
+model for the task, budget and latency; writing the prompts and the retrieval that grounds
+answers (as our Chat page does); fine-tuning when prompting is not enough (the Fine-tune page);
+measuring quality on held-out questions; and watching cost, speed and safety in production.
+
+**The key challenges**
+- *Data*: models learn what their data says, gaps and errors included; good data is scarce and
+  licences and privacy limit what may be used.
+- *Compute*: training and serving large models needs costly accelerators and energy; this is why
+  quantization and LoRA (pages in this app) matter.
+- *Bias*: patterns in the training text (who is described how) come back in the answers.
+- *Evaluation*: fluent text is easy to produce and hard to grade; benchmarks leak into training
+  data and saturate, so measure on your own held-out questions.
+- *Misuse and mistakes*: convincing spam, fraud and impersonation; and honest-sounding answers
+  that are wrong (hallucination: the Prompting & hallucination page shows one live).
+
+**Reading a model leaderboard.** Comparison sites list models with columns such as a *quality*
+score (an average over benchmarks, or human preference votes, where people pick the better of
+two anonymous answers), *speed* (output tokens per second, and time to the first token), *price*
+(per million input and output tokens, which differ) and the *context window*. Rankings change
+every few weeks, so read the columns, not the order: check which benchmarks make up the score,
+whether speed was measured on the provider you would use, and test the top candidates on your
+own task.
+"""
+)
+
 st.header("Timeline")
 lanes = st.multiselect("Show", LANES, default=list(LANES))
 if not lanes:
