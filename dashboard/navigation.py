@@ -13,6 +13,7 @@ PAGE_ORDER: list[tuple[str, str, str]] = [
     ("tokens", "Tokens", "🔤"),
     ("next_token", "Next token & sampling", "🎲"),
     ("inside", "Inside the transformer", "🔬"),
+    ("prompting", "Prompting & hallucination", "🪄"),
     ("embeddings", "Embeddings", "🧭"),
     ("training_stages", "Training stages", "🏗️"),
     ("quantization", "Quantization", "🗜️"),

@@ -107,7 +107,10 @@ def finetune_command(
             prepare_data(cfg, typer.echo, color)
         typer.echo("data check passed")
         return
-    from finetune.train import finetune
+    if cfg.method == "dpo":  # preference pairs through TRL's DPOTrainer
+        from finetune.dpo import run_dpo as finetune
+    else:
+        from finetune.train import finetune
 
     report = finetune(cfg, resume=resume, echo=typer.echo, progress=not quiet, color=color)
     if report:

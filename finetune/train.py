@@ -556,10 +556,10 @@ def finetune(
     cfg: FinetuneConfig, resume: bool = False, echo=print, progress: bool = True, color=False
 ) -> dict:
     """Check the data, train, evaluate before and after, save the best adapter and the report."""
-    if cfg.method == "dpo":  # preference pairs through TRL's DPOTrainer: finetune/dpo.py
-        from finetune.dpo import run_dpo
-
-        return run_dpo(cfg, resume, echo, progress, color)
+    if cfg.method == "dpo":  # finetune/dpo.py builds on this module, so it is not called here
+        raise ValueError(
+            "method: dpo runs through finetune.dpo.run_dpo (or `genai-lab finetune --method dpo`)"
+        )
 
     out_dir = Path(cfg.output_dir)
     main = is_main_process()

@@ -686,6 +686,9 @@ CASES = [
         "repetition_penalty must be a number > 0",
         FAIL,
     ),
+    # -- feedback-retrain ---------------------------------------------------------------------------
+    ("feedback-retrain-no-store", "feedback-retrain --db {missing}", "no feedback store yet", FAIL),
+    ("feedback-retrain-binary", "feedback-retrain --db {binary}", "{binary}", FAIL),
     # -- bot, bench ---------------------------------------------------------------------------------
     ("bot-ship-missing-run", "bot ship --run {missing}", "no adapter_model.safetensors", FAIL),
     ("bot-eval-setup-9", "bot eval --setup 9", "--setup: got '9', must be 1-4", FAIL),

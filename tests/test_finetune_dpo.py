@@ -29,7 +29,7 @@ def _write(path: Path, rows: list) -> Path:
 
 @pytest.mark.slow
 def test_dpo_raises_the_held_out_reward_margin(tmp_path):
-    from finetune.train import finetune
+    from finetune.dpo import run_dpo as finetune
 
     # One kind of pair (rude rejected answers), so 6 steps have a consistent preference to learn;
     # the eval pairs come from the held-out file (other prompts).

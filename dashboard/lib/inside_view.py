@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from core.losses import lm_loss
 from core.model import GPT, GPTConfig
 from dashboard.lib.sampling_view import token_label
 
@@ -94,9 +94,8 @@ def capture(model: GPT, ids: list[int]) -> Capture:
     attention = torch.stack(
         [layer.self_attn.attention_probs[0] for layer in model.model.layers]
     ).cpu()
-    nll = F.cross_entropy(
-        logits[:-1], torch.tensor(ids[1:], dtype=torch.long, device=logits.device), reduction="none"
-    )
+    targets = torch.tensor([ids[1:]], dtype=torch.long, device=logits.device)
+    nll = lm_loss(logits[None, :-1], targets, reduction="none")  # [T - 1]
     return Capture(
         ids=list(ids),
         attention=_read_only(attention.numpy()),
