@@ -127,7 +127,8 @@ st.caption(
     "Bytes count the stored codes and their scales, as bitsandbytes keeps them (not the "
     "formats' fixed tables of 16 or 256 levels). Relative error: "
     "‖W − W_quantized‖ / ‖W‖. fp16 shows no error because the shipped weights already are fp16 "
-    "values; bf16 keeps fewer mantissa bits (8 against fp16's 11) and rounds them."
+    "values; bf16 keeps fewer mantissa bits (7 stored, 8 counting the implicit leading 1, "
+    "against fp16's 10 and 11) and rounds them."
 )
 
 shown = st.radio(

@@ -164,7 +164,8 @@ with st.expander("Common claims, corrected"):
   pre-training) and took off in 2012 with AlexNet on GPUs.
 - *"Transformers and BERT are the backbone of generative AI."* Text generators such as GPT and
   Llama are decoder-only transformers. BERT is a transformer encoder: it reads text to
-  understand or classify it and does not generate text.
+  understand or classify it; it is not used for free-running text generation (it can only fill
+  in masked words).
 - *"The transformer comes from RNNs."* It grew out of RNN translators with attention
   (2014), but it dropped recurrence entirely: attention alone, so all positions are processed
   in parallel during training.
