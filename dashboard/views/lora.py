@@ -119,7 +119,11 @@ else:
         "finetune --dry-run`): AdamW with two fp32 states per trainable parameter, adapters and "
         "their gradients in fp32, activations for the batch without gradient checkpointing, no "
         "framework overhead. A full fine-tune trains every parameter, so every parameter needs "
-        "a gradient and optimizer state; LoRA needs them only for the adapters."
+        "a gradient and optimizer state; LoRA needs them only for the adapters. The full bf16 "
+        "column assumes 12 bytes per parameter (bf16 weight 2 + bf16 gradient 2 + two fp32 AdamW "
+        "moments 8), with no fp32 master copy; the often-quoted 16 bytes per parameter is "
+        "mixed-precision training that keeps fp32 master weights (+4), which would add a third "
+        "again to the weights-and-optimizer part."
     )
 
 st.subheader("QLoRA: LoRA on a 4-bit base model")
