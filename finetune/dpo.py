@@ -25,11 +25,10 @@ from trl import DPOConfig, DPOTrainer
 
 from core.atomic import write_text_atomic
 from core.config import save_config
-from finetune.config import FinetuneConfig, report_targets
+from finetune.config import FinetuneConfig
 from finetune.data import ROLES, DataError, Row, plural, read_rows
 from finetune.modeling import (
     check_target_modules,
-    compute_dtype,
     default_target_modules,
     load_base_model,
     load_config,
@@ -197,43 +196,10 @@ def _rewards(metrics: dict) -> dict:
 def build_dpo_trainer(cfg, data: PreferenceData, model, device: str, out_dir: Path, callbacks):
     """DPOTrainer with the SFT run's schedule, checkpoints and best-by-eval-loss adapter; the
     LoRA adapter is added by TRL (peft_config), so the reference is the base with it off."""
-    from finetune.train import _steps, _tensorboard_dir, _trainer_class, intervals
+    from finetune.train import _tensorboard_dir, _trainer_class, trainer_arguments
 
-    total = _steps(cfg, len(data.train))
-    eval_steps, save_steps = intervals(cfg, total)
-    dtype = compute_dtype(device)
     args = DPOConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        beta=cfg.beta,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # < 1 means a share of the steps
-        weight_decay=cfg.weight_decay,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
-        logging_steps=cfg.logging_steps,
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=cfg.save_total_limit,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",  # the DPO loss on held-out pairs
-        greater_is_better=False,
-        seed=cfg.seed,
-        # DPOConfig defaults to bf16 and gradient checkpointing on: ours are explicit.
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=device == "cpu",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=data.max_length,
-        report_to=report_targets(cfg.report_to) or "none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
+        **trainer_arguments(cfg, len(data.train), device, out_dir, data.max_length), beta=cfg.beta
     )
     targets = cfg.target_modules or default_target_modules(model)
     check_target_modules(model, targets)

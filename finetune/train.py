@@ -462,12 +462,13 @@ def _tensorboard_dir(path: Path):
         os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
 
 
-def build_trainer(cfg, data: PreparedData, model, device: str, out_dir: Path, callbacks):
-
-    total = _steps(cfg, len(data.train))
+def trainer_arguments(cfg: FinetuneConfig, train_rows: int, device: str, out_dir: Path, max_length):
+    """The keyword arguments SFT and DPO runs share (TRL's SFTConfig and DPOConfig both take
+    them): schedule, evaluation and checkpoint intervals, best-checkpoint keeping, precision."""
+    total = _steps(cfg, train_rows)
     eval_steps, save_steps = intervals(cfg, total)
     dtype = compute_dtype(device)
-    args = SFTConfig(
+    return dict(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -490,16 +491,23 @@ def build_trainer(cfg, data: PreparedData, model, device: str, out_dir: Path, ca
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         seed=cfg.seed,
+        # Explicit: DPOConfig would default to bf16 and gradient checkpointing on.
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
         gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=data.max_length,
-        packing=False,
+        max_length=max_length,
         report_to=report_targets(cfg.report_to) or "none",
         disable_tqdm=True,  # our Progress callback draws the bars
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+    )
+
+
+def build_trainer(cfg, data: PreparedData, model, device: str, out_dir: Path, callbacks):
+    dtype = compute_dtype(device)
+    args = SFTConfig(
+        **trainer_arguments(cfg, len(data.train), device, out_dir, data.max_length), packing=False
     )
     if cfg.early_stopping_patience:
         callbacks = [*callbacks, EarlyStoppingCallback(cfg.early_stopping_patience)]
