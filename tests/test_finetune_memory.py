@@ -10,34 +10,49 @@ from core.config import load_config
 from finetune.config import FinetuneConfig
 from finetune.dryrun import dry_run
 from finetune.estimate import CALIBRATION
-from finetune.memory import PeakMemory, peak_memory
+from finetune.memory import PeakMemory
 from finetune.train import prepare_data
 
 ALPACA = "finetune/examples/data/tutor_alpaca.json"
 
 
-def proc_status_bytes(key: str) -> int:
-    """A line of /proc/self/status (VmRSS: resident now; VmHWM: the kernel's high-water mark,
-    the counter ru_maxrss also reads) in bytes."""
+# Run in a fresh process: in a long-lived test worker, freed memory already resident can take a
+# new block without the resident size growing, which says nothing about peak_memory().
+_PROBE = """
+import json, torch
+from finetune.memory import peak_memory
+def status(key):
     with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
+        return int(next(l for l in f if l.startswith(key + ":")).split()[1]) * 1024
+before = peak_memory()
+resident = status("VmRSS")
+block = torch.ones(256 * 2**20 // 4)  # ones, not empty: untouched pages are not resident
+with_block = status("VmRSS")
+after = peak_memory()["cpu_peak_rss_bytes"]
+print(json.dumps({"before": before, "resident": resident, "with_block": with_block,
+                  "after": after, "hwm": status("VmHWM"), "cuda": torch.cuda.is_available()}))
+"""
 
 
 def test_peak_memory_covers_a_touched_allocation_and_agrees_with_proc():
-    before = peak_memory()
-    assert before["cpu_peak_rss_bytes"] > 50 * 2**20  # Python + torch are resident already
-    if not torch.cuda.is_available():
-        assert before["gpu_peak_allocated_bytes"] is None
-    resident = proc_status_bytes("VmRSS")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout.strip().splitlines()[-1])
     size = 256 * 2**20
-    block = torch.ones(size // 4)  # ones, not empty: untouched pages are not resident
-    with_block = proc_status_bytes("VmRSS")
-    after = peak_memory()["cpu_peak_rss_bytes"]
-    del block
-    assert with_block - resident > 0.9 * size  # the block is resident ...
-    assert after >= with_block - 4 * 2**20  # ... so the peak covers it (page-rounding slack)
-    assert abs(after - proc_status_bytes("VmHWM")) < 16 * 2**20  # one counter, two interfaces
+    assert m["before"]["cpu_peak_rss_bytes"] > 50 * 2**20  # Python + torch are resident already
+    if not m["cuda"]:
+        assert m["before"]["gpu_peak_allocated_bytes"] is None
+    assert m["with_block"] - m["resident"] > 0.9 * size  # the block is resident ...
+    assert m["after"] >= m["with_block"] - 4 * 2**20  # ... so the peak covers it (page slack)
+    assert abs(m["after"] - m["hwm"]) < 16 * 2**20  # one counter, two interfaces
 
 
 def test_peak_memory_callback_adds_the_peak_to_each_log_record():
