@@ -52,7 +52,8 @@ def test_peak_memory_covers_a_touched_allocation_and_agrees_with_proc():
         assert m["before"]["gpu_peak_allocated_bytes"] is None
     assert m["with_block"] - m["resident"] > 0.9 * size  # the block is resident ...
     assert m["after"] >= m["with_block"] - 4 * 2**20  # ... so the peak covers it (page slack)
-    assert abs(m["after"] - m["hwm"]) < 16 * 2**20  # one counter, two interfaces
+    # the kernel's high-water mark of this program, not one inherited from the test worker
+    assert abs(m["after"] - m["hwm"]) < 16 * 2**20
 
 
 def test_peak_memory_callback_adds_the_peak_to_each_log_record():
