@@ -36,3 +36,23 @@ def lora_adapter(tmp_path_factory):
     )
     get_peft_model(base, config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright (`playwright install` cannot download browsers here);
+    see tests/browser_support.py for the server side."""
+    from tests.browser_support import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is missing (the Makefile's test target installs Debian chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

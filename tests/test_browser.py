@@ -6,32 +6,22 @@ A screenshot of each page, after its control was moved, lands in test-artifacts/
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from dashboard.navigation import existing_pages
-
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "dashboard" / "app.py"
-PAGES = ROOT / "dashboard" / "views"
-SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
-SERVER_START_S = 120  # imports and the first model loads on a busy 2-core machine
-PAGE_TIMEOUT_MS = 120_000  # a page's first run loads its models
+from tests.browser_support import (
+    MAIN,
+    PAGE_TIMEOUT_MS,
+    SCREENSHOTS,
+    StreamlitServer,
+    assert_no_exception,
+    main_html,
+    screenshot,
+    wait_for_rerun,
+    wait_until_idle,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -79,101 +69,13 @@ def app_pages() -> list[str]:
     return [module for module, _, _ in existing_pages()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("streamlit") / "server.log"
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # The chat and feedback pages write databases: keep them out of the user's data folder.
-        "GENAI_LAB_CHAT_DB": str(log_path.parent / "chat.sqlite"),
-        "GENAI_LAB_FEEDBACK_DB": str(log_path.parent / "feedback.db"),
-    }
-    command = [
-        sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.port", str(port), "--server.headless", "true",
-        "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    app = StreamlitServer(tmp_path_factory.mktemp("streamlit"))
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_for_health(url, process, log_path)
-        yield url
+        yield app.start()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_for_health(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"streamlit exited early:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"no /_stcore/health after {SERVER_START_S} s:\n{log_path.read_text()}")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is missing (the Makefile's test target installs Debian chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-# -- waiting for Streamlit ----------------------------------------------------------------------
-
-_STATE = "document.querySelector('[data-testid=\"stApp\"]')?.dataset.testScriptState"
-
-
-def wait_until_idle(page) -> None:
-    """Wait until the page's script run has finished (stApp's data-test-script-state)."""
-    page.wait_for_function(f"() => {_STATE} === 'notRunning'", timeout=PAGE_TIMEOUT_MS)
-    page.wait_for_timeout(300)  # let the frontend paint the last deltas (charts)
-
-
-def wait_for_rerun(page, before: str) -> None:
-    """After a control moved: wait for the rerun it triggers to finish and change the page."""
-    deadline = time.monotonic() + PAGE_TIMEOUT_MS / 1000
-    while time.monotonic() < deadline:
-        wait_until_idle(page)
-        if main_html(page) != before:
-            return
-        page.wait_for_timeout(250)
-    raise AssertionError("moving the control did not change the page")
-
-
-MAIN = '[data-testid="stMainBlockContainer"]'  # the page's body, with or without a chat input
-
-
-def main_html(page) -> str:
-    return page.locator(MAIN).inner_html()
+        app.stop()
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -205,7 +107,7 @@ def test_page_in_browser(server, browser, name):
         page.goto(f"{server}/{path}", timeout=PAGE_TIMEOUT_MS)
         page.wait_for_selector(MAIN)
         wait_until_idle(page)
-        assert page.locator('[data-testid="stException"]').count() == 0, _exception_text(page)
+        assert_no_exception(page)
         assert page.locator(MAIN).inner_text().strip(), "the page is empty"
 
         action = ACTIONS.get(name)
@@ -213,26 +115,10 @@ def test_page_in_browser(server, browser, name):
             before = main_html(page)
             action(page)
             wait_for_rerun(page, before)
-            assert page.locator('[data-testid="stException"]').count() == 0, _exception_text(page)
-        _screenshot(page, SCREENSHOTS / f"{name}.png")
+            assert_no_exception(page)
+        screenshot(page, SCREENSHOTS / f"{name}.png")
     except BaseException:
         page.screenshot(path=str(SCREENSHOTS / f"{name}-failed.png"), full_page=True)
         raise
     finally:
         context.close()
-
-
-def _exception_text(page) -> str:
-    return "\n".join(t[:800] for t in page.locator('[data-testid="stException"]').all_inner_texts())
-
-
-def _screenshot(page, path: Path) -> None:
-    """The whole page: Streamlit scrolls inside its main container, so grow the viewport to the
-    content's height first."""
-    height = page.evaluate(
-        """() => Math.max(...["stMain", "stAppScrollToBottomContainer", "stSidebarContent"]
-            .map(id => document.querySelector(`[data-testid="${id}"]`)?.scrollHeight || 0))"""
-    )
-    page.set_viewport_size({"width": 1400, "height": min(max(height, 1000), 12_000)})
-    wait_until_idle(page)
-    page.screenshot(path=str(path), full_page=True)
