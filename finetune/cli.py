@@ -104,7 +104,7 @@ def finetune_command(
 
             prepare_preferences(cfg, typer.echo)
         else:
-            prepare_data(cfg, typer.echo, color)
+            prepare_data(cfg, typer.echo, color, progress=not quiet)
         typer.echo("data check passed")
         return
     if cfg.method == "dpo":  # preference pairs through TRL's DPOTrainer

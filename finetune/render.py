@@ -10,6 +10,8 @@ any template that renders a conversation as the concatenation of its turns, with
 
 from __future__ import annotations
 
+import bisect
+from array import array
 from dataclasses import dataclass
 
 from core.chat_format import DEFAULT_CHAT_TEMPLATE, RenderError, ensure_chat_template
@@ -22,8 +24,20 @@ __all__ = ["DEFAULT_CHAT_TEMPLATE", "Encoded", "RenderError", "encode", "ensure_
 
 @dataclass
 class Encoded:
-    input_ids: list[int]
-    trained: list[bool]  # True where the token is a target of the loss
+    """One row's token ids and loss mask, stored compactly: int32 ids (4 bytes a token, where a
+    list of Python ints costs ~36) and one byte per mask entry, so a file of a few hundred thousand
+    rows fits in a few hundred MB. Sequences of ints: index, slice, iterate, len, list()."""
+
+    input_ids: array
+    trained: bytes  # 1 where the token is a target of the loss
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input_ids, array):
+            self.input_ids = array("i", self.input_ids)
+        if not isinstance(self.trained, bytes):
+            self.trained = bytes(bytearray(map(bool, self.trained)))
+        if len(self.input_ids) != len(self.trained):
+            raise ValueError(f"{len(self.input_ids)} ids but {len(self.trained)} mask entries")
 
     @property
     def num_trained(self) -> int:
@@ -49,11 +63,14 @@ def trained_spans(
     plain = _plain(messages)
     text = _render(tokenizer, plain)
     spans, context = [], []
+    last = len(messages) - 1
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, plain[:i], generation_prompt=True) if i else ""
-        upto = _render(tokenizer, plain[: i + 1])
+        # The whole conversation up to its last turn is `text`: one render fewer for the
+        # common single-answer row (the template is most of the check's time on large files).
+        upto = text if i == last else _render(tokenizer, plain[: i + 1])
         if not (upto.startswith(before) and text.startswith(upto)):
             raise RenderError(
                 "the chat template does not render turn by turn (a prefix of the conversation "
@@ -66,28 +83,87 @@ def trained_spans(
     return text, spans, context
 
 
+def _mask(
+    offsets: list[tuple[int, int]],
+    spans: list[tuple[int, int]],
+    context: list[tuple[int, int]],
+    train_on_prompt: bool,
+) -> list[bool]:
+    """Per token (its start offset): inside a trained answer (or anywhere with train_on_prompt)
+    and not inside a weight-0 answer. Spans do not overlap and come in order: one bisect each."""
+
+    def inside(found: list[tuple[int, int]]) -> list[bool]:
+        starts = [lo for lo, _ in found]
+        out = []
+        for start, _ in offsets:
+            k = bisect.bisect_right(starts, start) - 1
+            out.append(k >= 0 and start < found[k][1])
+        return out
+
+    trained = [True] * len(offsets) if train_on_prompt else inside(spans)
+    if context:
+        trained = [t and not c for t, c in zip(trained, inside(context), strict=True)]
+    return trained
+
+
+def _encode_text(tokenizer, text: str) -> Encoded:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]  # a document starts after BOS, as in pre-training
+    if eos is not None:
+        ids = [*ids, eos]  # ... and ends with EOS, so the model learns to stop
+    return Encoded(ids, [True] * len(ids))
+
+
 def encode(tokenizer, conversation: list[dict] | str, train_on_prompt: bool = False) -> Encoded:
     """Token ids and loss mask of one row (a conversation, or plain text for the text format).
     train_on_prompt trains on every token except answers with weight 0 (context by request)."""
-    if isinstance(conversation, str):
-        ids = tokenizer(conversation, add_special_tokens=True)["input_ids"]
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]  # a document starts after BOS, as in pre-training
-        if eos is not None:
-            ids = [*ids, eos]  # ... and ends with EOS, so the model learns to stop
-        return Encoded(ids, [True] * len(ids))
-    text, spans, context = trained_spans(tokenizer, conversation)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    result = encode_many(tokenizer, [conversation], train_on_prompt)[0]
+    if isinstance(result, RenderError):
+        raise result
+    return result
 
-    def inside(start: int, found: list[tuple[int, int]]) -> bool:
-        return any(lo <= start < hi for lo, hi in found)
 
-    trained = [
-        not inside(start, context) and (train_on_prompt or inside(start, spans))
-        for start, _ in enc["offset_mapping"]
+def encode_many(
+    tokenizer, conversations: list[list[dict] | str], train_on_prompt: bool = False
+) -> list[Encoded | RenderError]:
+    """encode() of many rows, the texts tokenized in one call (one Rust call per batch instead of
+    one Python round trip per row). A row whose template cannot be located gets its
+    RenderError in its place instead of stopping the others."""
+    results: list[Encoded | RenderError | None] = [None] * len(conversations)
+    texts, located = [], []  # the rendered chat rows, and (row, spans, context) of each
+    for n, conversation in enumerate(conversations):
+        if isinstance(conversation, str):
+            results[n] = _encode_text(tokenizer, conversation)
+            continue
+        try:
+            text, spans, context = trained_spans(tokenizer, conversation)
+        except RenderError as e:
+            results[n] = e
+            continue
+        texts.append(text)
+        located.append((n, spans, context))
+    for (n, spans, context), (ids, offsets) in zip(
+        located, _tokenize(tokenizer, texts), strict=True
+    ):
+        results[n] = Encoded(ids, _mask(offsets, spans, context, train_on_prompt))
+    return results
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text, no special tokens added (the template wrote them).
+    A fast tokenizer's Rust backend directly: transformers' wrapper around the same call spends
+    more time converting the results than the backend spends tokenizing."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        (list(i), list(o)) for i, o in zip(batch["input_ids"], batch["offset_mapping"], strict=True)
     ]
-    return Encoded(list(enc["input_ids"]), trained)
 
 
 def held_out_prompt(
@@ -97,7 +173,7 @@ def held_out_prompt(
     the generation prompt, and that answer (plain text: its first `prompt_tokens` tokens and the
     rest)."""
     if isinstance(conversation, str):
-        ids = encode(tokenizer, conversation).input_ids
+        ids = list(encode(tokenizer, conversation).input_ids)
         rest = tokenizer.decode(ids[prompt_tokens:], skip_special_tokens=True)
         return tokenizer.decode(ids[:prompt_tokens]), rest
     prompt = _render(tokenizer, _plain(conversation[:-1]), generation_prompt=True)
@@ -112,7 +188,7 @@ def preview(tokenizer, encoded: Encoded, color: bool = False) -> str:
     # Decode runs of tokens with the same mask together (a lone byte-level token may be half a
     # UTF-8 character).
     for i, keep in enumerate(encoded.trained):
-        run.append(encoded.input_ids[i])
+        run.append(int(encoded.input_ids[i]))
         if i + 1 == len(encoded.trained) or encoded.trained[i + 1] != keep:
             piece = tokenizer.decode(run, skip_special_tokens=False)
             out.append(f"{on}{piece}{off}" if keep else piece)

@@ -36,9 +36,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 import yaml
 from datasets import Dataset
+from datasets.table import InMemoryTable
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, TrainerCallback
@@ -52,7 +55,14 @@ from finetune.config import FinetuneConfig, report_targets
 from finetune.dryrun import dry_run
 from finetune.estimate import format_bytes
 from finetune.inference import ADAPTER_META
-from finetune.lint import DatasetCheck, check_file, enforce, issue_lines, report_lines
+from finetune.lint import (
+    DatasetCheck,
+    check_file,
+    enforce,
+    issue_lines,
+    progress_bar,
+    report_lines,
+)
 from finetune.memory import PeakMemory, peak_memory
 from finetune.modeling import (
     check_target_modules,
@@ -119,8 +129,11 @@ def resolve_max_length(cfg: FinetuneConfig, model_config) -> int:
     return cfg.max_length
 
 
-def prepare_data(cfg: FinetuneConfig, echo=print, color: bool = False) -> PreparedData:
-    """Load the tokenizer (not the model), check and encode every row, split train/eval."""
+def prepare_data(
+    cfg: FinetuneConfig, echo=print, color: bool = False, progress: bool = False
+) -> PreparedData:
+    """Load the tokenizer (not the model), check and encode every row, split train/eval.
+    progress: a bar while a large file is encoded."""
 
     cfg.validate()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -137,6 +150,7 @@ def prepare_data(cfg: FinetuneConfig, echo=print, color: bool = False) -> Prepar
             cfg.train_on_prompt,
             columns=cfg.columns,
             roles=cfg.roles,
+            progress=progress_bar(f) if progress else None,
         )
         for f in files
     ]
@@ -194,11 +208,24 @@ def prepare_data(cfg: FinetuneConfig, echo=print, color: bool = False) -> Prepar
     )
 
 
-def to_dataset(examples: list):
-
-    return Dataset.from_dict(
-        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels() for e in examples]}
+def to_dataset(examples: list) -> Dataset:
+    """The encoded rows as an Arrow-backed dataset, built from the flat int32 ids and masks (no
+    list of Python ints per row on the way: ~10x less memory for large files)."""
+    lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int32, count=len(examples))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int32())
+    if len(examples):
+        ids = np.concatenate([np.frombuffer(e.input_ids, dtype=np.int32) for e in examples])
+        trained = np.concatenate([np.frombuffer(e.trained, dtype=np.uint8) for e in examples])
+    else:
+        ids, trained = np.zeros(0, np.int32), np.zeros(0, np.uint8)
+    labels = np.where(trained.astype(bool), ids, -100).astype(np.int32)
+    table = pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+        }
     )
+    return Dataset(InMemoryTable(table))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +614,7 @@ def finetune(
         cfg.validate()
         check_resume(cfg, out_dir)  # before any data is encoded or model loaded
 
-    data = prepare_data(cfg, say, color)
+    data = prepare_data(cfg, say, color, progress=progress and main)
     device = pick_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     if main and checkpoint is None:  # a resumed run keeps the settings it started with

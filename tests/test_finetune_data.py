@@ -155,8 +155,8 @@ def test_assistant_mask_equals_the_templates_generation_mask(tokenizer):
     reference = tokenizer.apply_chat_template(
         conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
-    assert ours.input_ids == list(reference["input_ids"])
-    assert ours.trained == [bool(m) for m in reference["assistant_masks"]]
+    assert list(ours.input_ids) == list(reference["input_ids"])
+    assert [bool(m) for m in ours.trained] == [bool(m) for m in reference["assistant_masks"]]
     assert 0 < ours.num_trained < len(ours.input_ids)
     assert encode(tokenizer, conversation, train_on_prompt=True).num_trained == len(ours.input_ids)
 
@@ -372,7 +372,9 @@ def test_openai_weight_zero_answers_are_context_only(tmp_path, tokenizer):
     for train_on_prompt in (False, True):
         enc = encode(tokenizer, check.conversations[0], train_on_prompt)
         start = next(
-            i for i in range(len(enc.input_ids)) if enc.input_ids[i : i + len(context)] == context
+            i
+            for i in range(len(enc.input_ids))
+            if list(enc.input_ids[i : i + len(context)]) == context
         )
         assert set(enc.labels()[start : start + len(context) + 1]) == {-100}  # + <|end|>
         assert enc.num_trained >= encoded.num_trained
@@ -495,3 +497,35 @@ def test_columns_and_roles_flags_map_another_layout(tmp_path):
     assert unmapped.exit_code != 0
     bad = runner.invoke(build_app(), [*args, "--columns", "conversations"])
     assert bad.exit_code != 0 and "columns" in bad.output
+
+
+def test_large_files_are_encoded_in_batches_with_progress(tmp_path, tokenizer, monkeypatch, capsys):
+    from finetune import lint
+    from finetune.train import to_dataset
+
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(25)]
+    rows[7] = {"prompt": "a different format"}  # one bad row does not shift the others
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    monkeypatch.setattr(lint, "ENCODE_BATCH", 10)
+    calls = []
+    check = check_file(path, tokenizer, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 24), (10, 24), (20, 24), (24, 24)]  # the 24 well-formed rows
+    # Batched encoding gives each row exactly what encoding it alone gives.
+    for conversation, example in zip(check.conversations, check.examples, strict=True):
+        alone = encode(tokenizer, conversation)
+        assert list(alone.input_ids) == list(example.input_ids)
+        assert alone.trained == example.trained
+    assert [r.where.rsplit(":", 1)[1] for r in check.bad_rows] == ["8"]
+    # The Arrow dataset the trainer gets: every row's ids, its labels masked where untrained.
+    dataset = to_dataset(check.examples)
+    assert dataset[3]["input_ids"] == list(check.examples[3].input_ids)
+    assert dataset[3]["labels"] == check.examples[3].labels()
+    assert {-100} < set(dataset[3]["labels"])  # masked prompt tokens and trained answer tokens
+
+    capsys.readouterr()
+    check_file(path, tokenizer, progress=lint.progress_bar(path))
+    assert capsys.readouterr().err == ""  # a small file: no bar
+    monkeypatch.setattr(lint, "PROGRESS_MIN_ROWS", 20)
+    check_file(path, tokenizer, progress=lint.progress_bar(path))
+    err = capsys.readouterr().err
+    assert "checking big.jsonl" in err and "24/24" in err
