@@ -74,8 +74,11 @@ def finetune_command(
     cfg = load_config(FinetuneConfig, config, overrides)
     _quiet_libraries()
     if dry_run:
+        from finetune.dryrun import data_lengths
         from finetune.dryrun import dry_run as run_dry
         from finetune.lint import lint_structure
+
+        seq_len, tokens = 0, 0
 
         cfg.validate(require_data=False)  # the config first, then the data, then the estimate
         if cfg.data and cfg.method == "dpo":
@@ -93,7 +96,8 @@ def finetune_command(
                 columns=cfg.columns,
                 roles=cfg.roles,
             )
-        run_dry(cfg, typer.echo)
+            seq_len, tokens = data_lengths(cfg, typer.echo)
+        run_dry(cfg, typer.echo, seq_len or None, tokens)
         return
     color = sys.stdout.isatty()
     if check:
@@ -140,8 +144,8 @@ _fixed_parameters = [
     _switch("check", "Only check the data (no model is loaded)."),
     _switch(
         "dry_run",
-        "Only estimate parameters and memory from the config (and lint --data, without the "
-        "tokenizer).",
+        "Only estimate parameters and memory from the config (no weights load); with --data, "
+        "lint it and size batches by its longest row under the model's tokenizer.",
     ),
     _switch(
         "resume",

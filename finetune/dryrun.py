@@ -36,6 +36,37 @@ def shape_of(config) -> dict:
     }
 
 
+def data_lengths(cfg: FinetuneConfig, echo=print) -> tuple[int, int]:
+    """(longest row, all rows' tokens) of --data (and --eval-data) under the model's tokenizer
+    and chat template, as a run would encode them: the estimate then pads batches to the data's
+    longest row instead of assuming max_length. Loads the tokenizer only (no weights)."""
+    from finetune.lint import check_file
+    from finetune.modeling import load_tokenizer
+    from finetune.render import ensure_chat_template
+
+    try:
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    except (OSError, ValueError) as e:  # a folder with a config.json alone, say
+        echo(f"no tokenizer to measure the rows ({e}); batches sized to max_length")
+        return 0, 0
+    ensure_chat_template(tokenizer, cfg.chat_template)
+    lengths = []
+    for path in [cfg.data] + ([cfg.eval_data] if cfg.eval_data else []):
+        check = check_file(
+            path, tokenizer, cfg.format, None, False, cfg.train_on_prompt, cfg.columns, cfg.roles
+        )
+        lengths += [len(e.input_ids) for e in check.examples]
+    if not lengths:
+        return 0, 0
+    cap = cfg.max_length or max(lengths)
+    longest = min(max(lengths), cap)  # longer rows are truncated (or rejected) at max_length
+    echo(
+        f"tokens per row under the model's tokenizer: longest {max(lengths)}, "
+        f"{sum(lengths):,} in all (the estimate pads batches to {longest})"
+    )
+    return longest, sum(min(n, cap) for n in lengths)
+
+
 def dry_run(
     cfg: FinetuneConfig, echo=print, seq_len: int | None = None, dataset_tokens: int = 0
 ) -> dict:

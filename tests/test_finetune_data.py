@@ -244,6 +244,24 @@ def test_dry_run_needs_only_the_config(tmp_path, cli):
     assert wrong.exit_code == 1 and "'c_attn' is not a linear layer of this model" in wrong.stderr
 
 
+def test_dry_run_sizes_batches_by_the_datas_longest_row(tmp_path, cli, tokenizer):
+    data = Path(__file__).resolve().parents[1] / "finetune/examples/data/tutor_alpaca.json"
+    longest = max(len(e.input_ids) for e in check_file(data, tokenizer).examples)
+    result = cli("finetune", "--dry-run", "--model", "tutor-base", "--data", data)
+    assert result.exit_code == 0, result.stderr
+    assert f"longest {longest}," in result.stdout
+    assert f"batch 4 x {longest} tokens" in result.stdout  # not the context's 2048
+    # A model folder without a tokenizer still gets its estimate, at max_length.
+    (tmp_path / "config.json").write_text(
+        (resolve_model_path("tutor-base") / "config.json").read_text()
+    )
+    bare = cli("finetune", "--dry-run", "--model", tmp_path, "--data", data, "--max-length", "300")
+    assert bare.exit_code == 0, bare.stderr
+    assert (
+        "no tokenizer to measure the rows" in bare.stdout and "batch 4 x 300 tokens" in bare.stdout
+    )
+
+
 def test_model_spec_errors_name_the_model(monkeypatch):
     from finetune.modeling import ModelSpecError, resolve_model
 
