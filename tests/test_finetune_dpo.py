@@ -117,3 +117,29 @@ def test_cli_check_reads_preference_pairs():
     )
     assert ok.exit_code == 0, ok.output
     assert "pairs for training" in ok.output and "data check passed" in ok.output
+
+
+def test_dpo_resume_continues_the_run_and_refuses_other_settings(tmp_path):
+    from finetune.dpo import run_dpo as finetune
+    from finetune.train import complete_checkpoints
+
+    train = _write(tmp_path / "train.jsonl", _pairs("prefs_train.jsonl", "rude", 16))
+    held = _write(tmp_path / "eval.jsonl", _pairs("prefs_heldout.jsonl", "rude", 4))
+    out = tmp_path / "run"
+    settings = dict(
+        method="dpo", data=str(train), eval_data=str(held), output_dir=str(out), eval_steps=2,
+        logging_steps=1, batch_size=4, learning_rate=5e-4, report_to="none", device="cpu",
+    )  # fmt: skip
+    first = finetune(FinetuneConfig(**settings, max_steps=2), progress=False, echo=lambda *_: None)
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    saved = (out / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match="beta"):  # another beta is another run
+        finetune(FinetuneConfig(**settings, max_steps=4, beta=0.5), resume=True, progress=False)
+    report = finetune(
+        FinetuneConfig(**settings, max_steps=4), resume=True, progress=False, echo=lambda *_: None
+    )
+    assert report["steps"] == 4 and (out / "config.yaml").read_bytes() == saved
+    assert "checkpoint-4" in [p.name for p in complete_checkpoints(out)]
+    steps = [m["step"] for m in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in m]
+    assert steps == [1, 2, 3, 4]  # the resumed run logs on from step 3, nothing twice
+    assert report["train_seconds"] > first["train_seconds"]
