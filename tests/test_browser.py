@@ -58,6 +58,8 @@ ACTIONS: dict[str, Callable] = {
     "next_token": lambda page: _slider_right(page, "Temperature"),
     "quantization": lambda page: _choose_radio(page, "FP4 (4-bit float)"),
     "lora": lambda page: _slider_right(page, "Rank r"),
+    "inside": lambda page: _slider_right(page, "Layer", steps=1),  # another layer's attention
+    "prompting": lambda page: _slider_right(page, "Examples in the prompt (k)", steps=2),
 }
 
 

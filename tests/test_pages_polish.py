@@ -54,6 +54,14 @@ def test_characters_per_token_and_comparison_rows():
     assert row["tokens"] == len(segments)
     assert row["characters per token"] == round(len(text) / len(segments), 2)
     assert row["vocabulary"] == f"{len(bpe):,}"
+    assert row["words per token"] == round(3 / len(segments), 2)
+    # The 3/4-of-a-word rule is a property of a tokenizer and a text, not a constant: the
+    # tutor's English-only vocabulary packs far fewer Russian words into a token.
+    english, russian = "The cat sat on the mat.", "Кошка сидела на коврике."
+    per_token = {
+        t: tokens.words_per_token(t, len(tokens.bpe_segments(bpe, t))) for t in (english, russian)
+    }
+    assert per_token[english] > 2 * per_token[russian] > 0
 
 
 def test_sampling_counts_explain_can_be_sampled():

@@ -146,6 +146,12 @@ def chars_per_token(text: str, num_tokens: int) -> float:
     return len(text) / num_tokens if num_tokens else 0.0
 
 
+def words_per_token(text: str, num_tokens: int) -> float:
+    """Words (split at whitespace) per token: the "one token is about 3/4 of a word" number,
+    measured on this text with this tokenizer."""
+    return len(text.split()) / num_tokens if num_tokens else 0.0
+
+
 def comparison_rows(text: str, views: list[tuple[str, int, list[Segment]]]) -> list[dict]:
     """One row per tokenizer, (name, vocabulary size, segments), for a side-by-side table."""
     rows = []
@@ -157,6 +163,7 @@ def comparison_rows(text: str, views: list[tuple[str, int, list[Segment]]]) -> l
                 "vocabulary": f"{vocabulary:,}",
                 "tokens": summary.tokens,
                 "characters per token": round(summary.chars_per_token, 2),
+                "words per token": round(words_per_token(text, summary.tokens), 2),
                 "[UNK]": summary.unknown,
                 "byte pieces": summary.byte_pieces,
             }

@@ -106,12 +106,19 @@ views.append(
 st.dataframe(
     pd.DataFrame(comparison_rows(text, [(t, n, seg) for t, _, n, seg in views])),
     hide_index=True,
-    column_config={"characters per token": st.column_config.NumberColumn(format="%.2f")},
+    column_config={
+        "characters per token": st.column_config.NumberColumn(format="%.2f"),
+        "words per token": st.column_config.NumberColumn(format="%.2f"),
+    },
 )
 st.caption(
     f"Characters per token = {len(text):,} characters ÷ the number of tokens: the higher, the "
     "more text fits in the same number of tokens (and the cheaper a model is to run on it). A "
-    "bigger vocabulary learnt from more varied text usually packs more characters into a token."
+    "bigger vocabulary learnt from more varied text usually packs more characters into a token. "
+    'The rule of thumb "a token is about 3/4 of a word" is OpenAI\'s, for its GPT tokenizers '
+    "(vocabularies of 50,000 to 200,000 tokens) on everyday English: words per token above "
+    "measures it on your text. Small vocabularies, code, numbers, names and most other languages "
+    "give fewer words per token."
 )
 st.caption(
     "Whitespace is shown as · (space), → (tab) and ↵ (newline). Hover over a token for its id. "
