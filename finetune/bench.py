@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from finetune.estimate import DEFAULT_TARGET_MODULES, MODEL_SHAPES, estimate_memory, format_bytes
 from finetune.modeling import load_base_model
@@ -185,4 +186,145 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
         f"  LoRA vs full: {speedup:.2f}x step speed, {100 * saved:.0f}% less memory for weights, "
         "gradients and optimizer state"
     )
-    return {"four_bit": foot, "training_step": step, "lora_speedup": speedup}
+    results = {"four_bit": foot, "training_step": step, "lora_speedup": speedup}
+    if quick:
+        echo("fine-tuning step time vs peft + TRL defaults: skipped in --quick (minutes)")
+        return results
+    echo("fine-tuning SmolLM2-135M-Instruct on this CPU, batch 4 of finetune/examples chat rows:")
+    cpu = cpu_step_times(echo=echo)
+    for variant, about in STEP_VARIANTS.items():
+        f = cpu[variant]
+        echo(
+            f"  {variant:<5} {f['step_seconds']:6.2f} s/step, {f['tokens_per_second']:6.1f} "
+            f"tokens/s, peak {format_bytes(f['peak_rss_bytes'])}, {f['speed_vs_trl']:.2f}x TRL "
+            f"defaults' speed  ({about})"
+        )
+    results["cpu_finetune"] = cpu
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning on a CPU: our command against plain peft + TRL defaults, on the real model
+
+STEP_DATA = Path(__file__).parent / "examples" / "data" / "tutor_chat.jsonl"
+STEP_VARIANTS = {
+    "lora": "genai-lab finetune: LoRA r 8 on every linear layer, fp32",
+    "qlora": "genai-lab finetune --method qlora: the same on an NF4 base, fp32 compute",
+    "trl": "peft + TRL defaults: LoraConfig(task_type) = r 8 on q_proj, v_proj; SFTConfig = "
+    "bf16 autocast, gradient checkpointing",
+}
+
+
+class StepTimer(TrainerCallback):
+    """Seconds of each optimizer step (forward, backward, update), nothing around them."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def step_time_run(variant: str, model: str, steps: int, batch_size: int, out: Path) -> dict:
+    """One training run of `variant` (STEP_VARIANTS) in this process: its step times, the mean
+    tokens per row of the data under the model's chat template, and the process's peak memory."""
+    from finetune.config import FinetuneConfig
+    from finetune.lint import check_file
+    from finetune.memory import peak_memory
+    from finetune.modeling import load_tokenizer, resolve_model
+    from finetune.render import ensure_chat_template
+
+    tokenizer = load_tokenizer(model)
+    ensure_chat_template(tokenizer)
+    check = check_file(STEP_DATA, tokenizer)
+    row_tokens = statistics.fmean(len(e.input_ids) for e in check.examples)
+    timer = StepTimer()
+    if variant in ("lora", "qlora"):
+        from finetune.train import finetune
+
+        cfg = FinetuneConfig(
+            model=model, data=str(STEP_DATA), method=variant, batch_size=batch_size,
+            max_steps=steps, output_dir=str(out), num_samples=0, report_to="none", device="cpu",
+            max_eval_rows=4,
+        )  # fmt: skip
+        finetune(cfg, echo=lambda *_: None, progress=False, extra_callbacks=(timer,))
+    elif variant == "trl":
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl import SFTConfig, SFTTrainer
+
+        rows = [json.loads(line) for line in STEP_DATA.read_text().splitlines() if line.strip()]
+        args = SFTConfig(
+            output_dir=str(out), use_cpu=True, per_device_train_batch_size=batch_size,
+            max_steps=steps, report_to="none", save_strategy="no", disable_tqdm=True,
+        )  # fmt: skip
+        trainer = SFTTrainer(
+            model=resolve_model(model),
+            args=args,
+            train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
+            peft_config=LoraConfig(task_type="CAUSAL_LM"),
+            callbacks=[timer],
+        )
+        trainer.train()
+    else:
+        raise ValueError(f"variant: got {variant!r}, must be one of {', '.join(STEP_VARIANTS)}")
+    return {
+        "variant": variant,
+        "step_seconds": timer.seconds,
+        "row_tokens": row_tokens,
+        "peak_rss_bytes": peak_memory()["cpu_peak_rss_bytes"],
+    }
+
+
+def cpu_step_times(
+    model: str = "smollm2-135m-instruct",
+    steps: int = 6,
+    batch_size: int = 4,
+    rounds: int = 2,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Each variant trained `rounds` times, interleaved (lora, qlora, trl, lora, ...), each run in
+    a fresh process (its own peak memory, no warm caches from the others). Per variant: the
+    median step time over every run's steps after its first (the first pays one-time set-up),
+    tokens/s, peak RSS; and each variant's speed relative to peft + TRL defaults."""
+    import subprocess
+    import sys
+
+    runs: dict[str, list[dict]] = {v: [] for v in STEP_VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for variant in STEP_VARIANTS:
+                out = Path(tmp) / f"{variant}-{r}"
+                argv = [sys.executable, "-m", "finetune.bench", variant, model, str(steps)]
+                argv += [str(batch_size), str(out)]
+                done = subprocess.run(argv, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{variant}: {done.stderr.strip().splitlines()[-1:]}")
+                runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                echo(f"  ran {variant} ({r + 1}/{rounds})")
+    results = {}
+    for variant, done in runs.items():
+        seconds = [s for run in done for s in run["step_seconds"][1:]]
+        step = statistics.median(seconds)
+        results[variant] = {
+            "step_seconds": step,
+            "tokens_per_second": batch_size * done[0]["row_tokens"] / step,
+            "peak_rss_bytes": max(run["peak_rss_bytes"] for run in done),
+        }
+    for variant in results:
+        results[variant]["speed_vs_trl"] = (
+            results["trl"]["step_seconds"] / (results[variant]["step_seconds"])
+        )
+    return {"model": model, "batch_size": batch_size, "steps": steps, "rounds": rounds, **results}
+
+
+if __name__ == "__main__":  # one step_time_run in a fresh process, for cpu_step_times
+    import sys
+
+    variant_arg, model_arg, steps_arg, batch_arg, out_arg = sys.argv[1:6]
+    figures = step_time_run(variant_arg, model_arg, int(steps_arg), int(batch_arg), Path(out_arg))
+    print(json.dumps(figures))

@@ -588,9 +588,15 @@ def add_adapters(cfg: FinetuneConfig, model, echo=print):
 
 
 def finetune(
-    cfg: FinetuneConfig, resume: bool = False, echo=print, progress: bool = True, color=False
+    cfg: FinetuneConfig,
+    resume: bool = False,
+    echo=print,
+    progress: bool = True,
+    color=False,
+    extra_callbacks: tuple = (),
 ) -> dict:
-    """Check the data, train, evaluate before and after, save the best adapter and the report."""
+    """Check the data, train, evaluate before and after, save the best adapter and the report.
+    extra_callbacks: more TrainerCallbacks (`genai-lab bench` times the steps with one)."""
     if cfg.method == "dpo":  # finetune/dpo.py builds on this module, so it is not called here
         raise ValueError(
             "method: dpo runs through finetune.dpo.run_dpo (or `genai-lab finetune --method dpo`)"
@@ -642,7 +648,7 @@ def finetune(
 
     resume_step = int(_CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else None
     # PeakMemory first, so the peak is in each record the metrics log writes.
-    callbacks = [PeakMemory(), *_callbacks(out_dir, resume_step, progress, say)]
+    callbacks = [PeakMemory(), *_callbacks(out_dir, resume_step, progress, say), *extra_callbacks]
     trainer = build_trainer(cfg, data, model, device, out_dir, callbacks)
     trainer.prior_loss_sum, trainer.prior_seconds = read_totals(checkpoint)
     total = _steps(cfg, len(data.train))
