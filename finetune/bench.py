@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -190,8 +191,13 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
     if quick:
         echo("fine-tuning step time vs peft + TRL defaults: skipped in --quick (minutes)")
         return results
-    echo("fine-tuning SmolLM2-135M-Instruct on this CPU, batch 4 of finetune/examples chat rows:")
+    load = os.getloadavg()[0]
+    echo(
+        "fine-tuning SmolLM2-135M-Instruct on this CPU, batch 4 of finetune/examples chat rows "
+        f"({threads} threads, load average {load:.1f} before):"
+    )
     cpu = cpu_step_times(echo=echo)
+    cpu["load_average"] = (load, os.getloadavg()[0])
     for variant, about in STEP_VARIANTS.items():
         f = cpu[variant]
         echo(
