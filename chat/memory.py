@@ -150,6 +150,8 @@ def abstention(nearest: dict) -> str:
 def respond(state: ChatState, runtime: Runtime[TurnContext]) -> dict:
     ctx = runtime.context
     backend = ctx.backend
+    if ctx.stop is not None and ctx.stop.is_set():
+        return {}  # stopped before the model started (while the notes were looked up): no trace
     if state.get("nearest"):  # nothing the notes cover: no model call, no made-up answer
         reply = AIMessage(
             content=abstention(state["nearest"]),

@@ -4,6 +4,7 @@ run of the page itself with the tiny tutor model."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from chat.memory import (
     thread_config,
     thread_title,
 )
-from dashboard.lib.chat_view import dropped_note, turn_stats
+from dashboard.lib.chat_view import RunningAnswer, dropped_note, finetuned_models, turn_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,10 +123,56 @@ def test_turn_stats_and_dropped_note():
     assert "4 oldest messages" in dropped_note(4, 10) and "6 of the 10" in dropped_note(4, 10)
 
 
+def fake_job(root: Path, job_id: str, status: str, data: str, adapter: bool = True) -> Path:
+    """A job folder as dashboard.lib.jobs writes it (no process: the job is over)."""
+    folder = root / job_id
+    (folder / "output" / "adapter").mkdir(parents=True)
+    argv = ["genai-lab", "finetune", "--model", "tutor-base", "--data", data]
+    (folder / "command.json").write_text(json.dumps({"argv": argv, "cwd": "/"}))
+    (folder / "state.json").write_text(json.dumps({"status": status, "pid": None}))
+    if adapter:
+        (folder / "output" / "adapter" / "adapter_config.json").write_text("{}")
+    return folder
+
+
+def test_the_picker_lists_the_adapters_of_finished_fine_tunes_newest_first(tmp_path):
+    fake_job(tmp_path, "20260301-100000-aaaaaa", "done", "/up/0123456789abcdef-rows.jsonl")
+    fake_job(tmp_path, "20260302-100000-bbbbbb", "done", "/data/chat.csv")
+    fake_job(tmp_path, "20260303-100000-cccccc", "failed", "/data/x.jsonl")
+    fake_job(tmp_path, "20260304-100000-dddddd", "done", "/data/y.jsonl", adapter=False)
+    (tmp_path / "not-a-job").mkdir()
+    found = finetuned_models(tmp_path)
+    assert list(found) == ["20260302-100000-bbbbbb", "20260301-100000-aaaaaa"]
+    first = found["20260301-100000-aaaaaa"]
+    assert first.label == "fine-tuned tutor-base on rows.jsonl (job 20260301-100000-aaaaaa)"
+    assert first.adapter == tmp_path / "20260301-100000-aaaaaa" / "output" / "adapter"
+    assert finetuned_models(tmp_path / "nowhere") == {}
+
+
+def test_halting_an_answer_stops_it_and_waits_until_it_is_saved():
+    answer = RunningAnswer()
+    saved = []
+
+    def stream():  # what the page's streaming run does: stop when told, then close the turn
+        assert answer.stop.wait(5)
+        time.sleep(0.05)  # (saving the part shown)
+        saved.append(True)
+        answer.done.set()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    assert answer.halt(timeout=5) and saved == [True]
+    worker.join()
+    stuck = RunningAnswer()  # a run that never closes its turn: the next run does not hang
+    started = time.perf_counter()
+    assert not stuck.halt(timeout=0.1) and time.perf_counter() - started < 1
+
+
 def test_page_lists_the_new_thread_and_puts_it_in_the_url(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("GENAI_LAB_CHAT_DB", str(tmp_path / "chat.sqlite"))
+    monkeypatch.setenv("GENAI_LAB_JOBS", str(tmp_path / "jobs"))  # (the picker lists its adapters)
     # The page's first run loads the default model: make it the tiny tutor (the page imports
     # the name on every run, so it sees the patched one).
     monkeypatch.setattr("chat.models.default_chat_model", lambda: "tutor")

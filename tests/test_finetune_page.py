@@ -1,10 +1,10 @@
 """The Fine-tune page (Streamlit AppTest on the real page script): data checks with one clear
-message per bad upload, the row-level report, token preview and estimate, and one real
-fine-tune of tutor-base started from the page, followed to its adapter."""
+message per bad upload, the row-level report, token preview and estimate. A real fine-tune
+started from the page, followed to its adapter and its results, runs in a real browser:
+tests/test_browser_chat.py."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -91,35 +91,3 @@ def test_an_unknown_model_folder_is_one_message(jobs_root, tmp_path):
     assert not at.exception
     assert len(at.error) == 1 and "nowhere" in at.error[0].value
     assert at.button(key="ft_run").disabled
-
-
-@pytest.mark.slow
-def test_a_fine_tune_started_on_the_page_runs_to_its_adapter(jobs_root):
-    at = page()
-    at.number_input(key="ft_steps").set_value(2)
-    at.number_input(key="ft_batch").set_value(8).run()
-    at.button(key="ft_run").click().run()
-    assert not at.exception
-    job_id = at.session_state["ft_job"]
-    assert at.query_params["job"] == job_id
-    # One click, one job; and no second click while it runs: Run is disabled until it ends.
-    at.run()
-    assert at.button(key="ft_run").disabled
-    assert [job.id for job in jobs.list_jobs(jobs_root)] == [job_id]
-    job = jobs.Job.load(jobs_root / job_id)
-    assert job.argv[:2] == ["genai-lab", "finetune"] and "--max-steps" in job.argv
-    deadline = time.monotonic() + 120
-    while job.active:
-        assert time.monotonic() < deadline, job.log_tail()
-        time.sleep(0.5)
-    assert job.status == "done", job.log_tail()
-    assert (job.output_dir / "adapter" / "adapter_model.safetensors").is_file()
-    # A reloaded page (a fresh session) finds the job from the URL and shows the results.
-    fresh = AppTest.from_file(str(PAGE), default_timeout=120)
-    fresh.query_params["job"] = job_id
-    fresh.run()
-    assert not fresh.exception
-    assert fresh.get("download_button")
-    assert any(c.value.startswith("genai-lab chat --model ") for c in fresh.code)
-    assert any(m.label == "Eval loss" for m in fresh.metric)
-    assert fresh.get("plotly_chart")

