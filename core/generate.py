@@ -55,7 +55,7 @@ class GPTStepper:
         # Only the last position's scores are needed: the vocabulary head over every prompt
         # position would cost T times more (for SmolLM2 and a 300-token prompt, ~10 GFLOP).
         hidden = self.model.hidden_states(ids, cache=self.cache)  # [B, T, C]
-        return self.model.lm_head(hidden[:, -1])  # [B, V]
+        return self.model.head(hidden[:, -1])  # [B, V]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:

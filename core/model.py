@@ -9,11 +9,15 @@ Parameter names are exactly those of transformers' `LlamaForCausalLM` (`model.la
 what you learn here carries over to reading `modeling_llama.py`.
 
 Inference fast path: under `torch.inference_mode()` (generation, the dashboard, chat) q/k/v and
-gate/up each run as one matrix multiply over concatenated copies of their weights. Decoding a
-small model is bound by the number of operations per token, not by arithmetic, so fewer, larger
-matmuls make each token cheaper (`genai-lab bench` measures it). The copies are cached and rebuilt
-whenever a weight changes; training and `no_grad` code take the plain path, so training runs are
-bit-for-bit what they were.
+gate/up each run as one matrix multiply over concatenated copies of their weights, every weight
+(the vocabulary head too) is multiplied from a copy stored transposed, [in, out], and RMSNorm is
+one fused op. Decoding one token is a chain of matrix-vector products that read every weight
+once, and PyTorch's fp32 `x @ W.T` with W stored [out, in] is its slow case on CPU; fewer, larger
+products over the transposed layout make each token cheaper (`genai-lab bench` measures it).
+The copies are cached and rebuilt whenever a weight changes; training and `no_grad` code take the
+plain path, so training runs are bit-for-bit what they were. `GPT.set_fast_inference(False)`
+gives inference the plain path too; `weights_dtype=torch.bfloat16` there keeps the copies in
+bf16 (lossy, bounded in tests/test_decode_fast.py).
 
 Shapes in comments: B = batch, T = new tokens this call, S = all positions attended to (cache + T),
 H = query heads, KV = key/value heads, D = head dim, C = hidden size, V = vocab.
@@ -103,6 +107,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = torch.is_inference_mode_enabled() and getattr(self, "fast_inference", True)
+        if fast and x.dtype == torch.float32:
+            # One fused op instead of seven (decoding runs 61 norms per token); same numbers.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 like Llama does, so fp16/bf16 weights give the same answer.
         dtype = x.dtype
         x = x.float()
@@ -165,28 +173,51 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def fused_weights(owner: nn.Module, linears: list[nn.Module]) -> tuple | None:
-    """(weight, bias) of `linears` stacked along the output dim, cached on `owner`, or None when
-    the fast path does not apply (gradients on, or a layer is not a plain nn.Linear, e.g. after
-    quantization). The cache key is each weight's storage and version counter, so an in-place
-    update (an optimizer step, load_state_dict) or a move to another device rebuilds it."""
-    if not torch.is_inference_mode_enabled() or any(type(m) is not nn.Linear for m in linears):
+def fused_weights(owner: nn.Module, linears: list[nn.Module], name: str = "in") -> tuple | None:
+    """(weight, bias) of `linears` stacked along the output dim and stored transposed, [in, out]
+    (so `x @ weight` is the matmul), cached on `owner` under `name`; or None when the fast path
+    does not apply (gradients on, `fast_inference` off, a layer is not a plain nn.Linear, e.g.
+    after quantization, or a layer has hooks that must see it run). The cache key is each
+    weight's storage and version counter, so an in-place update (an optimizer step,
+    load_state_dict) or a move to another device rebuilds it.
+
+    Why transposed: for one token (decoding) the product is a matrix-vector one, and PyTorch's
+    (MKL's) fp32 `x @ W.T` over a weight stored [out, in] is its slow case on CPU, while `x @ Wt`
+    over the same numbers stored [in, out] streams them faster (SmolLM2 on a 2-core Zen 4:
+    ~1.25-1.4x more tokens/s; `genai-lab bench` measures it). Sums may run in another order, so
+    logits can differ from the plain path by float rounding (~1e-4 at most), not more."""
+    if not torch.is_inference_mode_enabled() or not getattr(owner, "fast_inference", True):
         return None
+    if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in linears):
+        return None
+    dtype = getattr(owner, "inference_dtype", None) or linears[0].weight.dtype
     tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
     if any(t.is_inference() for t in tensors):  # made in inference mode: no version counter
-        return _stack(linears)
-    key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in linears)
+        return _stack(linears, dtype)
+    weights = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in linears)
+    key = (dtype, *weights)
     key += tuple((m.bias.data_ptr(), m.bias._version) for m in linears if m.bias is not None)
-    cached = getattr(owner, "_fused", None)
+    fused = owner.__dict__.setdefault("_fused", {})  # plain attribute: not in the state dict
+    cached = fused.get((name, dtype))  # one slot per dtype: switching back and forth is free
     if cached is None or cached[0] != key:
-        cached = (key, *_stack(linears))
-        owner._fused = cached  # a plain attribute: not a parameter, not in the state dict
+        cached = fused[name, dtype] = (key, *_stack(linears, dtype))
     return cached[1], cached[2]
 
 
-def _stack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([m.weight for m in linears])
+def _stack(
+    linears: list[nn.Linear], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight for m in linears]).t().to(dtype).contiguous()  # [in, out]
     return weight, None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+
+
+def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for a weight stored transposed ([in, out], from `fused_weights`). A weight kept
+    in another dtype (`GPT.set_fast_inference(weights_dtype=...)`) multiplies the input cast
+    to it, and the product is cast back: the activations keep their dtype."""
+    cast = weight_t.dtype != x.dtype
+    y = (x.to(weight_t.dtype) @ weight_t).to(x.dtype) if cast else x @ weight_t
+    return y if bias is None else y + bias
 
 
 def attention_probabilities(
@@ -232,7 +263,7 @@ class Attention(nn.Module):
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         fused = fused_weights(self, [self.q_proj, self.k_proj, self.v_proj])
         if fused is not None:  # inference: one matmul for q, k, v and one rotation for q and k
-            qkv = F.linear(x, *fused).view(B, T, H + 2 * KV, D).transpose(1, 2)
+            qkv = linear_t(x, *fused).view(B, T, H + 2 * KV, D).transpose(1, 2)
             qk = apply_rotary(qkv[:, : H + KV], cos, sin)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         else:
@@ -260,7 +291,9 @@ class Attention(nn.Module):
         )  # [B, H, T, D]
         if self.record_attention:
             self.attention_probs = attention_probabilities(q, k, mask, is_causal)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        out = fused_weights(self, [self.o_proj], "out")
+        return self.o_proj(y) if out is None else linear_t(y, *out)
 
 
 class MLP(nn.Module):
@@ -277,8 +310,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_weights(self, [self.gate_proj, self.up_proj])
         if fused is not None:  # inference: gate and up in one matmul
-            gate, up = F.linear(x, *fused).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            gate, up = linear_t(x, *fused).chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+            down = fused_weights(self, [self.down_proj], "out")
+            return self.down_proj(hidden) if down is None else linear_t(hidden, *down)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -353,7 +388,30 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. With a cache, positions continue after it."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+        return self.head(self.hidden_states(input_ids, cache))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [..., C] -> logits [..., V] (the vocabulary head; under
+        inference mode through its transposed copy, see `fused_weights`)."""
+        fused = fused_weights(self, [self.lm_head], "head")
+        return self.lm_head(h) if fused is None else linear_t(h, *fused)
+
+    def set_fast_inference(self, on: bool = True, weights_dtype: torch.dtype | None = None) -> GPT:
+        """Inference mode's fast path (on by default): fused q/k/v and gate/up, weights stored
+        transposed, one-op norms; same numbers as the plain path up to float rounding. Off:
+        inference runs the plain path that training and `no_grad` take, op for op, slower.
+
+        `weights_dtype=torch.bfloat16` keeps the inference copies of the weights in bfloat16
+        (half the bytes to read per token; on a 2-core Zen 4 it measured no faster than fp32,
+        `genai-lab bench` shows it) while activations, norms, attention and the cache stay in
+        the model's dtype. That is lossy:
+        tests/test_decode_fast.py bounds the KL divergence it costs. None: the weights' own
+        dtype (exact fp32 for an fp32 model). The copies are rebuilt only when a weight or this
+        setting changes."""
+        for module in self.modules():
+            module.fast_inference = on
+            module.inference_dtype = weights_dtype
+        return self
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> the final-norm hidden states [B, T, C] the vocabulary head reads

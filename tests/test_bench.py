@@ -26,3 +26,7 @@ def test_bench_quick_reports_all_ratios(tmp_path):
         gen, train = data[shape]["generation"], data[shape]["training"]
         assert train["speedup"] > 0 and gen["speedup"] > 0 and data[shape]["mfu"] > 0
         assert gen["new_tokens"] == 110
+    real = data["smollm2"]["decode"]  # the real model's decode: fast, plain, bf16, transformers
+    assert real["speedup"] > 0 and real["plain_speedup"] > 0 and real["bf16_speedup"] > 0
+    assert real["threads"] >= 1 and len(real["load_average"]) == 2 and real["same_tokens"]
+    assert "SmolLM2-135M-Instruct" in result.stdout and "load average" in result.stdout
