@@ -268,12 +268,21 @@ def feedback_retrain_command(
     ),
     reward_steps: Annotated[int, typer.Option(help="Reward-model optimizer steps.")] = 20,
     policy_steps: Annotated[int, typer.Option(help="DPO optimizer steps.")] = 10,
+    eval_pairs: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Held-out figures on the first N bundled held-out pairs (0: all of them)."
+        ),
+    ] = 0,
+    resume: ResumeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Retrain a reward model and a DPO policy on the rankings stored in --db
-    (core.stages.feedback.retrain); writes OUTPUT_DIR/retrain.json."""
+    (core.stages.feedback.retrain), then score each ranked answer with the reward model before
+    and after, and answer the ranked questions with the policy before and after
+    (core.stages.feedback.measure_retrain); writes OUTPUT_DIR/retrain.json."""
     from core.atomic import write_text_atomic
-    from core.stages.feedback import FeedbackStore, retrain
+    from core.stages.feedback import FeedbackStore, measure_retrain, retrain
 
     if not db.is_file():
         raise ConfigError(f"{db}: no feedback store yet (rank some answers first)")
@@ -288,8 +297,21 @@ def feedback_retrain_command(
     }
     policy = {"max_steps": policy_steps, "eval_every": policy_steps,
               "checkpoint_every": max(1, policy_steps // 2), "eval_samples": 1}  # fmt: skip
+    if eval_pairs:
+        # Each stage evaluates before its first step and after its last: on all 216 bundled
+        # pairs that was two thirds of a lab-sized retrain.
+        lines = Path(RewardConfig.eval_file).read_text("utf-8").splitlines()
+        kept = [line for line in lines if line.strip()][:eval_pairs]
+        heldout = output_dir / "heldout.jsonl"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(heldout, "".join(line + "\n" for line in kept))
+        reward["eval_file"] = policy["eval_file"] = str(heldout)
     with FeedbackStore(db) as store:
-        reports = retrain(store, output_dir, model, reward, policy, progress=not quiet)
+        comparisons = store.comparisons()  # what this retrain trains on, measured after it
+        reports = retrain(
+            store, output_dir, model, reward, policy, progress=not quiet, resume=resume
+        )
+    reports["measured"] = measure_retrain(comparisons, output_dir, model)
     output_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(reports, indent=2, default=str) + "\n"
     write_text_atomic(output_dir / "retrain.json", text)

@@ -28,8 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from core.atomic import write_text_atomic
-from core.stages.reward import RewardConfig, train_reward_model
+from core.generate import answer
+from core.models import load_model, resolve_model_path
+from core.stages.reward import RewardConfig, RewardModel, load_reward_model, train_reward_model
 from core.stages.rlhf import RLHFConfig, rlhf
+from core.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -333,12 +336,15 @@ def retrain(
     reward_overrides: dict | None = None,
     dpo_overrides: dict | None = None,
     progress: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Train a reward model and a DPO policy (both from `model`) on the store's pairs.
 
     Writes out_dir/reward/final (reward model) and out_dir/policy/final (the new chat model);
     returns both stages' reports. Held-out evaluation uses the bundled held-out pairs unless an
-    `eval_file` is given in the overrides."""
+    `eval_file` is given in the overrides; without a `batch_size` there, a batch holds at most
+    as many pairs as there are (`measure_retrain` then shows what changed). `resume` continues
+    both stages from their newest checkpoints in out_dir (a cancelled retrain)."""
     pairs = [
         (f"{store.path}: comparison {p['comparison']}", (p["prompt"], p["chosen"], p["rejected"]))
         for p in store.preference_pairs()
@@ -346,11 +352,85 @@ def retrain(
     if not pairs:
         raise ValueError(f"{store.path}: no ranked comparisons yet, nothing to train on")
     out = Path(out_dir)
-    rm_cfg = RewardConfig(model=model, **(reward_overrides or {}))
-    dpo_cfg = RLHFConfig(method="dpo", model=model, **(dpo_overrides or {}))
+    rm_cfg = RewardConfig(model=model, **_batch_within(pairs, reward_overrides, RewardConfig))
+    dpo_cfg = RLHFConfig(
+        method="dpo", model=model, **_batch_within(pairs, dpo_overrides, RLHFConfig)
+    )
     reports = {
         "pairs": len(pairs),
-        "reward": train_reward_model(rm_cfg, out / "reward", progress=progress, train_pairs=pairs),
-        "policy": rlhf(dpo_cfg, out / "policy", progress=progress, train_pairs=pairs),
+        "reward": train_reward_model(
+            rm_cfg, out / "reward", resume=resume, progress=progress, train_pairs=pairs
+        ),
+        "policy": rlhf(
+            dpo_cfg, out / "policy", resume=resume, progress=progress, train_pairs=pairs
+        ),
     }
     return reports
+
+
+def _batch_within(pairs: list, overrides: dict | None, cls: type) -> dict:
+    """The overrides, with a default batch no bigger than the pairs (rounded up to a multiple of
+    `minibatches`, which RLHFConfig checks for DPO too): a batch is drawn with replacement, so 16
+    rows out of a lab's 3 pairs only repeat them, at 5x the cost of a step."""
+    values = dict(overrides or {})
+    per = int(values.get("minibatches", getattr(cls, "minibatches", 1)))
+    size = min(cls.batch_size, len(pairs))
+    values.setdefault("batch_size", -(-size // per) * per)
+    return values
+
+
+# -- what a retrain changed, on the answers that were ranked ------------------------------------
+
+MEASURED_COMPARISONS = 20  # the newest rankings scored answer by answer after a retrain
+ANSWERED_PROMPTS = 5  # the newest ranked questions answered by the policy before and after
+
+
+def _score(rm, tokenizer, prompts: list[str], responses: list[str]) -> list[float]:
+    return [round(float(x), 4) for x in rm.score_texts(tokenizer, prompts, responses)]
+
+
+def measure_retrain(comparisons: list[Comparison], out_dir: str | Path, model: str = "tutor-sft"):
+    """What a finished `retrain` into `out_dir` changed, measured on the ranked answers
+    themselves (the newest MEASURED_COMPARISONS of `comparisons`, the ones it trained on):
+
+    - "ranked": one row per answer (comparison, prompt, rank 1 = best, answer) with its reward
+      `before` (the reward model the retrain starts from: `model`'s backbone with a new,
+      zero-initialised score head, so every answer scores 0) and `after` (out_dir/reward/final);
+    - "pairs": of the pairs the rankings imply, how many the reward model orders like you,
+      before and after (a tie is not agreement);
+    - "answers": the greedy answer to each of the newest ANSWERED_PROMPTS ranked questions,
+      `before` (`model`) and `after` (the DPO policy, out_dir/policy/final).
+    """
+    out = Path(out_dir)
+    shown = comparisons[-MEASURED_COMPARISONS:]
+    folder = resolve_model_path(model)
+    tokenizer = load_tokenizer(folder)
+    start = load_model(folder).eval()
+    reward_models = {
+        "before": RewardModel(start).eval(),
+        "after": load_reward_model(out / "reward" / "final"),
+    }
+    rows = [
+        {"comparison": c.id, "prompt": c.prompt, "rank": rank + 1, "answer": c.responses[i]}
+        for c in shown
+        for rank, i in enumerate(c.ranking)
+    ]
+    prompts, texts = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    for when, rm in reward_models.items():
+        for row, score in zip(rows, _score(rm, tokenizer, prompts, texts), strict=True):
+            row[when] = score
+    pairs = {"total": 0, "before": 0, "after": 0}
+    for c in shown:
+        ranked = [r for r in rows if r["comparison"] == c.id]  # best first
+        for i, better in enumerate(ranked):
+            for worse in ranked[i + 1 :]:
+                pairs["total"] += 1
+                for when in ("before", "after"):
+                    pairs[when] += better[when] > worse[when]
+    policy = load_model(out / "policy" / "final").eval()
+    questions = list(dict.fromkeys(c.prompt for c in reversed(shown)))[:ANSWERED_PROMPTS]
+    answers = [
+        {"prompt": q, "before": answer(start, tokenizer, q), "after": answer(policy, tokenizer, q)}
+        for q in questions
+    ]
+    return {"ranked": rows, "pairs": pairs, "answers": answers}

@@ -228,8 +228,53 @@ TINY_PRESETS: dict[str, dict] = {
             "eval_samples": 1,
         },
     },
+    # Every stage really runs, on a smaller model (2 layers, 64 wide: 40x fewer weights than the
+    # tutor's) on one thread: at this size a second thread costs more in synchronisation than it
+    # saves, and on a busy machine two threads made each small matrix product ~100x slower
+    # (measured). Pre-training reaches an eval loss near 2.1; the later stages run too few steps
+    # to teach it much.
+    "micro (about 30 seconds)": {
+        "threads": 1,
+        "heldout_rows": 4,
+        "pretrain": {
+            "num_documents": 400,
+            "eval_documents": 50,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_steps": 150,
+            "batch_size": 8,
+            "warmup_steps": 10,
+            "eval_every": 50,
+            "eval_batches": 2,
+            "checkpoint_every": 25,
+        },
+        "sft": {
+            "max_steps": 20,
+            "batch_size": 8,
+            "warmup_steps": 2,
+            "eval_every": 10,
+            "checkpoint_every": 5,
+        },
+        "reward": {"max_steps": 10, "batch_size": 8, "eval_every": 10, "checkpoint_every": 5},
+        "rlhf": {
+            "method": "ppo",
+            "max_steps": 4,
+            "batch_size": 4,
+            "minibatches": 2,
+            "ppo_epochs": 1,
+            "warmup_steps": 1,
+            "max_new_tokens": 24,
+            "eval_every": 4,
+            "checkpoint_every": 2,
+            "eval_samples": 1,
+        },
+    },
 }
-HELDOUT_ROWS = 8  # held-out questions / preference prompts kept for the tiny run's evaluation
+
+HELDOUT_ROWS = 8  # held-out questions / preference pairs / SFT rows a preset's run evaluates on
 
 
 def _head(source: Path, target: Path, rows: int) -> Path:
@@ -245,21 +290,26 @@ def write_tiny_config(preset: str, folder: Path) -> Path:
 
     from core.stages.pipeline import CONFIG_DIR, PipelineConfig
     from core.stages.rlhf import RLHFConfig
+    from core.stages.sft import SFTConfig
 
     stages = TINY_PRESETS[preset]
+    rows = stages.get("heldout_rows", HELDOUT_ROWS)
     folder.mkdir(parents=True, exist_ok=True)
     slug = preset.split()[0]
-    heldout = _head(Path(PipelineConfig.heldout_file), folder / f"{slug}-heldout.jsonl", 8)
-    prefs = _head(Path(RLHFConfig.eval_file), folder / f"{slug}-prefs.jsonl", HELDOUT_ROWS)
+    heldout = _head(Path(PipelineConfig.heldout_file), folder / f"{slug}-heldout.jsonl", rows)
+    prefs = _head(Path(RLHFConfig.eval_file), folder / f"{slug}-prefs.jsonl", rows)
+    # Each stage evaluates before its first step and after its last: on the full held-out
+    # files (216 pairs, 108 conversations) that took longer than the stage's own steps.
+    sft_eval = _head(Path(SFTConfig.eval_file), folder / f"{slug}-sft-heldout.jsonl", 2 * rows)
     data = {
         "base_model": None,
         "pretrain_config": str(CONFIG_DIR / "tutor-base.yaml"),
         "pretrain": stages["pretrain"],
-        "sft": stages["sft"],
-        "reward": {**stages["reward"]},
+        "sft": {**stages["sft"], "eval_file": str(sft_eval)},
+        "reward": {**stages["reward"], "eval_file": str(prefs)},
         "rlhf": {**stages["rlhf"], "eval_file": str(prefs)},
         "dpo": None,  # the page compares the PPO tutor; DPO would add a stage's time
-        "threads": 2,
+        "threads": stages.get("threads", 2),
         "eval_samples": 1,
         "heldout_file": str(heldout),
         "sample_prompts": ["What is a token?"],
@@ -302,7 +352,10 @@ def pipeline_progress(out: Path, config: Path | None = None) -> tuple[float, str
 
 def pipeline_metrics(out: Path, stage: str) -> pd.DataFrame:
     """One stage's metrics.jsonl of a pipeline run (a line still being written is skipped)."""
-    path = out / "runs" / stage / "metrics.jsonl"
+    return _read_metrics(out / "runs" / stage / "metrics.jsonl")
+
+
+def _read_metrics(path: Path) -> pd.DataFrame:
     rows = []
     try:
         lines = path.read_text("utf-8").splitlines()
@@ -329,17 +382,52 @@ def pipeline_curves(out: Path) -> list[go.Figure]:
 
 # --- the feedback lab's retrain job -------------------------------------------------------------
 
+RETRAIN_EVAL_PAIRS = 48  # held-out pairs the lab's retrain is evaluated on (all 216 took 2/3)
 
-def retrain_argv(db: Path, reward_steps: int = 20, policy_steps: int = 10) -> list[str]:
+
+def retrain_argv(
+    db: Path, reward_steps: int = 20, policy_steps: int = 10, eval_pairs: int = RETRAIN_EVAL_PAIRS
+) -> list[str]:
     """The retrain command (`genai-lab feedback-retrain`); the job adds --output-dir."""
     return [
         "genai-lab", "feedback-retrain", "--db", str(db),
         "--reward-steps", str(reward_steps), "--policy-steps", str(policy_steps),
+        "--eval-pairs", str(eval_pairs),
     ]  # fmt: skip
 
 
+def _flag(argv: list[str], flag: str, default: int) -> int:
+    try:
+        return int(argv[argv.index(flag) + 1])
+    except (ValueError, IndexError):
+        return default
+
+
+def retrain_progress(out: Path, argv: list[str]) -> tuple[float, str]:
+    """(fraction done, what runs) of a retrain job, from its files: the reward model's steps,
+    the policy's, then the before/after measurement."""
+    totals = {
+        "reward": _flag(argv, "--reward-steps", 20),
+        "policy": _flag(argv, "--policy-steps", 10),
+    }
+    done = 0.0
+    for stage, total in totals.items():
+        if (out / stage / "final").is_dir():
+            done += 1
+            continue
+        frame = _read_metrics(out / stage / "metrics.jsonl")
+        step = int(frame["step"].max()) if "step" in frame and not frame.empty else 0
+        done += min(1.0, step / max(total, 1))
+        return done / 3, {"reward": "reward model", "policy": "policy (DPO)"}[stage]
+    return (1.0, "done") if (out / "retrain.json").is_file() else (2 / 3, "scoring your answers")
+
+
 def retrain_summary(out: Path) -> dict | None:
-    """The figures of a finished retrain (its retrain.json), or None while there is none."""
+    """A finished retrain's retrain.json, or None while there is none: {"pairs", "reward" and
+    "policy" (each stage's numeric figures), "ranked" (each ranked answer's reward before and
+    after), "agreement" (pairs the reward model orders like the rankings, before and after),
+    "answers" (the policy's greedy answer to each ranked question, before and after)}; the last
+    three are empty for a retrain.json written before they were measured."""
     path = out / "retrain.json"
     try:
         reports = json.loads(path.read_text("utf-8"))
@@ -353,4 +441,49 @@ def retrain_summary(out: Path) -> dict | None:
             for k, v in report.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
+    measured = reports.get("measured") or {}
+    summary["ranked"] = list(measured.get("ranked") or [])
+    summary["agreement"] = measured.get("pairs") or {}
+    summary["answers"] = list(measured.get("answers") or [])
     return summary
+
+
+def ranked_rewards_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per ranked answer: question, your rank, the answer, its reward before and after
+    the retrain and the change (signed, 3 decimals, as text so every renderer shows the same)."""
+    return pd.DataFrame(
+        [
+            {
+                "question": r["prompt"],
+                "your rank": r["rank"],
+                "answer": r["answer"],
+                "reward before": f"{r['before']:+.3f}",
+                "reward after": f"{r['after']:+.3f}",
+                "change": f"{r['after'] - r['before']:+.3f}",
+            }
+            for r in rows
+        ],
+        columns=["question", "your rank", "answer", "reward before", "reward after", "change"],
+    )
+
+
+def answer_changes_table(items: list[dict]) -> pd.DataFrame:
+    """The tutor's greedy answer to each ranked question before and after the retrain (plain
+    text in a table: an answer is never read as markdown)."""
+    return pd.DataFrame(
+        [
+            {
+                "question": a["prompt"],
+                "before (SFT tutor)": a["before"] or "(nothing)",
+                "after (policy trained on your rankings)": a["after"] or "(nothing)",
+                "changed": "no" if a["before"] == a["after"] else "yes",
+            }
+            for a in items
+        ],
+        columns=[
+            "question",
+            "before (SFT tutor)",
+            "after (policy trained on your rankings)",
+            "changed",
+        ],
+    )

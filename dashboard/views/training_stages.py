@@ -15,6 +15,7 @@ from dashboard.lib import jobs
 from dashboard.lib.stages_view import (
     CURVES,
     TINY_PRESETS,
+    answer_changes_table,
     answers_side_by_side,
     candidate_answers,
     curve_figure,
@@ -25,8 +26,10 @@ from dashboard.lib.stages_view import (
     pipeline_figures,
     pipeline_progress,
     question_error,
+    ranked_rewards_table,
     read_metrics,
     retrain_argv,
+    retrain_progress,
     retrain_summary,
     save_ranking,
     shipped_stages,
@@ -59,9 +62,9 @@ def load_job(key: str, param: str) -> jobs.Job | None:
         return None
 
 
-def job_controls(job: jobs.Job, key: str, param: str) -> None:
-    """Cancel, Resume (the pipeline and the retrain resume interrupted stages when rerun) and
-    New run."""
+def job_controls(job: jobs.Job, key: str, param: str, resume_flag: str | None = None) -> None:
+    """Cancel, Resume (the pipeline continues its stages when rerun as it was; the retrain
+    needs `resume_flag`) and New run."""
     status = job.status
     c1, c2, c3 = st.columns(3)
     if status in jobs.ACTIVE and c1.button("Cancel", key=f"{key}_cancel"):
@@ -69,9 +72,9 @@ def job_controls(job: jobs.Job, key: str, param: str) -> None:
         st.rerun()
     if status in ("cancelled", "failed") and c2.button("Resume", key=f"{key}_resume"):
         try:
-            # Both commands pick up their checkpoints on a plain rerun: "--config"/"--db" is
-            # already in the argv, so resume() appends nothing.
-            job.resume(flag=job.argv[2])
+            # The pipeline picks up its checkpoints on a plain rerun: "--config" is already in
+            # its argv, so resume() appends nothing.
+            job.resume(flag=resume_flag or job.argv[2])
         except jobs.JobError as e:
             st.error(str(e))
         else:
@@ -115,6 +118,58 @@ def live_pipeline(job_id: str) -> None:
     """Redrawn every second while the job runs; a full rerun when it ends (results, buttons)."""
     job = jobs.Job.load(jobs.jobs_root() / job_id)
     follow_pipeline(job)
+    if not job.active:
+        st.rerun()
+
+
+def show_retrain_result(summary: dict) -> None:
+    """What the retrain changed: each ranked answer's reward before and after, and the
+    tutor's answer to each ranked question before and after."""
+    st.success(f"Retrained on {summary['pairs']} preference pairs.")
+    if summary["ranked"]:
+        agree = summary["agreement"]
+        st.markdown("**Your ranked answers, scored by the reward model before and after**")
+        st.caption(
+            "Before: the reward model the retrain starts from (the SFT model with a new score "
+            "head, so every answer scores 0). After: the one trained on your rankings. Pairs "
+            f"it orders the way you ranked them: {agree.get('before', 0)} of "
+            f"{agree.get('total', 0)} before, {agree.get('after', 0)} of "
+            f"{agree.get('total', 0)} after."
+        )
+        st.table(ranked_rewards_table(summary["ranked"]))
+    else:
+        st.info("This retrain predates the per-answer scores: run a new one to see them.")
+    if summary["answers"]:
+        st.markdown("**How the tutor's answer changed** (greedy decoding)")
+        st.table(answer_changes_table(summary["answers"]))
+    with st.expander("Training and held-out figures"):
+        st.json({k: summary[k] for k in ("pairs", "reward", "policy")})
+
+
+def follow_retrain(job: jobs.Job) -> None:
+    st.code(job.display, language="bash", wrap_lines=True)
+    status = job.status
+    if status == "queued":
+        st.info(f"Queued: number {job.queue_position() or '?'} in line (one job runs at a time).")
+    elif status == "running":
+        fraction, what = retrain_progress(job.output_dir, job.argv)
+        st.progress(fraction, text=f"Retraining: {what}")
+    elif status == "done":
+        summary = retrain_summary(job.output_dir)
+        if summary is None:
+            st.error("The retrain finished but wrote no retrain.json.")
+        else:
+            show_retrain_result(summary)
+    else:
+        last = (job.log_tail(300).strip().splitlines() or [""])[-1]
+        st.error(f"Retrain {status}: {last}")
+
+
+@st.fragment(run_every=1.0)
+def live_retrain(job_id: str) -> None:
+    """Redrawn every second while the retrain runs; a full rerun when it ends."""
+    job = jobs.Job.load(jobs.jobs_root() / job_id)
+    follow_retrain(job)
     if not job.active:
         st.rerun()
 
@@ -229,27 +284,11 @@ if retrain_job is None:
             st.rerun()
 else:
     st.query_params["retrain_job"] = retrain_job.id
-    st.code(retrain_job.display, language="bash", wrap_lines=True)
-    status = retrain_job.status
-    if status in jobs.ACTIVE:
-        st.info(f"Retraining ({status}): a reward model, then a DPO policy, on your pairs.")
-        if st.button("Refresh", key="retrain_refresh"):
-            st.rerun()
-    elif status == "done":
-        summary = retrain_summary(retrain_job.output_dir)
-        if summary is None:
-            st.error("The retrain finished but wrote no retrain.json.")
-        else:
-            st.success(f"Retrained on {summary['pairs']} pairs.")
-            st.json(summary, expanded=False)
-            st.caption(
-                "The retrain reports its own training and held-out figures; it does not score "
-                "each ranked answer before and after, so none is shown."
-            )
+    if retrain_job.active:
+        live_retrain(retrain_job.id)
     else:
-        last = (retrain_job.log_tail(300).strip().splitlines() or [""])[-1]
-        st.error(f"Retrain {status}: {last}")
-    job_controls(retrain_job, "retrain_job", "retrain_job")
+        follow_retrain(retrain_job)
+    job_controls(retrain_job, "retrain_job", "retrain_job", resume_flag="--resume")
 
 # --- train your own tiny tutor (last: the tests address the lab's buttons by position) ---------------------------------------------------------------------
 # A markdown heading, not st.subheader: the lab stays the last subheader (tests rely on it).
