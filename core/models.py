@@ -430,10 +430,22 @@ def load_model(
         hf = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from None
-    config = config_from_hf(hf, str(config_file))
+    config_from_hf(
+        hf, str(config_file)
+    )  # an unsupported model is named before its weights are read
+    model = gpt_from_weights(hf, _read_safetensors(folder), str(folder), dtype)
+    model.name_or_path = str(folder)
+    return model.to(device).eval()
+
+
+def gpt_from_weights(hf: dict, state: dict, source: str, dtype: torch.dtype = torch.float32) -> GPT:
+    """Our GPT from a transformers Llama config (as a dict) and its state dict, checked key by key
+    and shape by shape (`source` names them in errors). The tensors are taken as they are, not
+    copied: a merged adapter's model becomes ours at no memory cost (finetune.inference)."""
+    config = config_from_hf(hf, f"{source}/config.json")
     with torch.device("meta"):
         model = GPT(config)
-    state = _read_safetensors(folder)
+    state = dict(state)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {
@@ -442,7 +454,7 @@ def load_model(
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
         raise ModelLoadError(
-            f"{folder}: weights do not match the config "
+            f"{source}: weights do not match the config "
             f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
         )
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -450,7 +462,7 @@ def load_model(
     if wrong:
         k = wrong[0]
         raise ModelLoadError(
-            f"{folder}: config.json does not match the weights ({len(wrong)} tensors differ, "
+            f"{source}: config.json does not match the weights ({len(wrong)} tensors differ, "
             f"e.g. {k}: config.json gives {list(shapes[k])}, model.safetensors has "
             f"{list(state[k].shape)}); the two files come from different models"
         )
@@ -461,8 +473,7 @@ def load_model(
     # Buffers were created on the meta device: compute the rotary tables for real.
     cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
     model.rope_cos, model.rope_sin = cos, sin
-    model.name_or_path = str(folder)
-    return model.to(device).eval()
+    return model
 
 
 def save_model(

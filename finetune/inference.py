@@ -15,7 +15,17 @@ from pathlib import Path
 
 from core.chat_format import encode_prompt, ensure_chat_template, stop_ids
 from core.generate import generate, stream_text, stream_tokens
-from core.models import ADAPTER_META, ModelSpec, ModelSpecError, check_adapter_weights, resolve
+from core.models import (
+    ADAPTER_META,
+    SUPPORTED_MODEL_TYPES,
+    ModelLoadError,
+    ModelSpec,
+    ModelSpecError,
+    UnsupportedModelError,
+    check_adapter_weights,
+    gpt_from_weights,
+    resolve,
+)
 from core.models import read_adapter_meta as read_meta
 from finetune.modeling import load_base_model, load_tokenizer, pick_device
 
@@ -98,12 +108,28 @@ def _load_spec(spec: ModelSpec, device: str):
         # Generation only: fold B @ A into the base weights once, so each token costs one matmul
         # per layer instead of three (the demo bot on 2 CPU cores: 14.4 -> 17.4 tokens/s). A 4-bit
         # base cannot take the merge without de-quantising, so QLoRA adapters stay separate.
-        peft_model = peft_model.merge_and_unload()
+        # A merged Llama-family model then runs as our GPT (core's fast decoding path).
+        peft_model = our_gpt(peft_model.merge_and_unload(), spec.spec)
     # The adapter folder holds the tokenizer with the exact template used in training.
     has_tokenizer = (Path(spec.adapter) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(spec.adapter if has_tokenizer else spec.source)
     ensure_chat_template(tokenizer)
     return peft_model.eval(), tokenizer
+
+
+def our_gpt(model, source: str):
+    """A merged Llama-family transformers model as our GPT (same tensors, no copy), so a merged
+    adapter decodes through core's fast inference path like the shipped models (the demo bot:
+    `genai-lab bench --only chat`); other architectures stay as they are."""
+    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return model
+    try:
+        gpt = gpt_from_weights(model.config.to_dict(), model.state_dict(), source)
+    except (ModelLoadError, UnsupportedModelError):
+        return model  # something our GPT does not implement (rope scaling, biases, ...)
+    gpt.generation_config = model.generation_config  # its stop tokens
+    gpt.name_or_path = getattr(model, "name_or_path", source)
+    return gpt.to(next(model.parameters()).device).eval()
 
 
 def load_for_generation(model: str | None, adapter: str | None = None, device: str = "auto"):
