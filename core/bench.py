@@ -105,6 +105,18 @@ def training_throughput(
     }
 
 
+def greedy_kwargs(new_tokens: int) -> dict:
+    """transformers `generate` arguments for exactly `new_tokens` greedy tokens (no early stop):
+    the same work as our loop's, token for token."""
+    return dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+
+
 def generation_throughput(
     new_tokens: int = 500, prompt_len: int = 16, config: dict | None = None, rounds: int = 3
 ) -> dict:
@@ -132,13 +144,7 @@ def generation_throughput(
             step_times.append(time.perf_counter() - t)
         return step_times
 
-    kwargs = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
+    kwargs = greedy_kwargs(new_tokens)
 
     ours_generate()  # warm-up
     theirs.generate(prompt, **{**kwargs, "max_new_tokens": 20, "min_new_tokens": 20})
@@ -198,13 +204,7 @@ def real_model_decode(
         stepper = GPTStepper(ours, 1, prompt_len + new_tokens)
         return [int(t) for t, _, _ in decode(stepper, prompt, new_tokens, temperature=0.0)]
 
-    kwargs = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
+    kwargs = greedy_kwargs(new_tokens)
     runs = {
         "ours_fast": lambda: ours_generate(True),
         "ours_plain": lambda: ours_generate(False),

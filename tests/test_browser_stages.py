@@ -116,18 +116,23 @@ def chart_titles(page) -> list[str]:
 # -- 1. the tiny pipeline as a job -----------------------------------------------------------------
 
 
-def test_pipeline_job_runs_reattaches_cancels_and_resumes_in_the_browser(server, browser):
+def run_in_page(browser, server: StreamlitServer, scenario, name: str) -> None:
+    """A scenario on a fresh page: a screenshot if it fails, and never a job left running."""
     context, page = open_page(browser, server)
     try:
-        _pipeline_job(page, server)
+        scenario(page, server)
     except BaseException:
-        page.screenshot(path=str(SCREENSHOTS / "browser-stages-pipeline-failed.png"))
+        page.screenshot(path=str(SCREENSHOTS / f"browser-stages-{name}-failed.png"))
         raise
     finally:
         for job in map(jobs.Job, job_folders(server)):
             if job.active:
                 job.cancel(grace_s=2)
         context.close()
+
+
+def test_pipeline_job_runs_reattaches_cancels_and_resumes_in_the_browser(server, browser):
+    run_in_page(browser, server, _pipeline_job, "pipeline")
 
 
 def _pipeline_job(page, server: StreamlitServer) -> None:
@@ -195,17 +200,7 @@ def _pipeline_job(page, server: StreamlitServer) -> None:
 
 
 def test_feedback_ranked_in_the_browser_moves_the_rewards_and_is_stored_once(server, browser):
-    context, page = open_page(browser, server)
-    try:
-        _feedback(page, server)
-    except BaseException:
-        page.screenshot(path=str(SCREENSHOTS / "browser-stages-feedback-failed.png"))
-        raise
-    finally:
-        for job in map(jobs.Job, job_folders(server)):
-            if job.active:
-                job.cancel(grace_s=2)
-        context.close()
+    run_in_page(browser, server, _feedback, "feedback")
 
 
 def open_list(page, box, option) -> None:
