@@ -288,7 +288,7 @@ def step_time_run(variant: str, model: str, steps: int, batch_size: int, out: Pa
 
 def cpu_step_times(
     model: str = "smollm2-135m-instruct",
-    steps: int = 6,
+    steps: int = 5,
     batch_size: int = 4,
     rounds: int = 2,
     echo: Callable[[str], None] = print,

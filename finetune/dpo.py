@@ -24,7 +24,6 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from core.atomic import write_text_atomic
-from core.config import save_config
 from finetune.config import FinetuneConfig
 from finetune.data import ROLES, DataError, Row, plural, read_rows
 from finetune.modeling import (
@@ -238,44 +237,25 @@ def run_dpo(
     adapter and report.json / report.md (with the rewards on held-out pairs)."""
     from finetune.train import (
         _CHECKPOINT,
-        FINGERPRINT,
         _best,
         _callbacks,
         _final_eval,
         _steps,
-        check_resume,
-        complete_checkpoints,
-        drop_incomplete_checkpoints,
-        fingerprint,
         is_main_process,
         read_totals,
+        record_settings,
+        resume_checkpoint,
         save_adapter,
     )
 
     out_dir = Path(cfg.output_dir)
     main = is_main_process()
     say = echo if main else (lambda *_: None)
-    if main:
-        drop_incomplete_checkpoints(out_dir)
-    existing = complete_checkpoints(out_dir)
-    if existing and not resume:
-        raise FileExistsError(
-            f"{out_dir} already has checkpoints: pass --resume to continue, or pick another "
-            "--output-dir"
-        )
-    if resume and not existing:
-        raise FileNotFoundError(f"{out_dir}: no complete checkpoint to resume from")
-    checkpoint = existing[-1] if resume else None
-    if checkpoint is not None:
-        cfg.validate()
-        check_resume(cfg, out_dir)
+    checkpoint = resume_checkpoint(cfg, out_dir, resume)
 
     data = prepare_preferences(cfg, say)
     device = pick_device(cfg.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if main and checkpoint is None:
-        save_config(cfg, out_dir / "config.yaml")
-        write_text_atomic(out_dir / FINGERPRINT, json.dumps(fingerprint(cfg), indent=2) + "\n")
+    record_settings(cfg, out_dir, checkpoint)
     torch.manual_seed(cfg.seed)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

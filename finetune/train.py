@@ -587,6 +587,37 @@ def add_adapters(cfg: FinetuneConfig, model, echo=print):
     return model, targets
 
 
+def resume_checkpoint(cfg: FinetuneConfig, out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint a run continues from (None: a fresh run), after the checks both trainers
+    (SFT here, DPO in finetune/dpo.py) make before any data or model loads: half-written
+    checkpoints dropped, a folder with checkpoints needs --resume, --resume needs one, and a
+    resumed run's settings and data must be those it started with."""
+    if is_main_process():
+        drop_incomplete_checkpoints(out_dir)
+    existing = complete_checkpoints(out_dir)
+    if existing and not resume:
+        raise FileExistsError(
+            f"{out_dir} already has checkpoints: pass --resume to continue, or pick another "
+            "--output-dir"
+        )
+    if resume and not existing:
+        raise FileNotFoundError(f"{out_dir}: no complete checkpoint to resume from")
+    checkpoint = existing[-1] if resume else None
+    if checkpoint is not None:
+        cfg.validate()
+        check_resume(cfg, out_dir)
+    return checkpoint
+
+
+def record_settings(cfg: FinetuneConfig, out_dir: Path, checkpoint: Path | None) -> None:
+    """config.yaml and the data fingerprint of a fresh run, atomically; a resumed run keeps the
+    settings it started with (never rewritten)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process() and checkpoint is None:
+        save_config(cfg, out_dir / "config.yaml")
+        write_text_atomic(out_dir / FINGERPRINT, json.dumps(fingerprint(cfg), indent=2) + "\n")
+
+
 def finetune(
     cfg: FinetuneConfig,
     resume: bool = False,
@@ -605,27 +636,11 @@ def finetune(
     out_dir = Path(cfg.output_dir)
     main = is_main_process()
     say = echo if main else (lambda *_: None)
-    if main:
-        drop_incomplete_checkpoints(out_dir)
-    existing = complete_checkpoints(out_dir)
-    if existing and not resume:
-        raise FileExistsError(
-            f"{out_dir} already has checkpoints: pass --resume to continue, or pick another "
-            "--output-dir"
-        )
-    if resume and not existing:
-        raise FileNotFoundError(f"{out_dir}: no complete checkpoint to resume from")
-    checkpoint = existing[-1] if resume else None
-    if checkpoint is not None:
-        cfg.validate()
-        check_resume(cfg, out_dir)  # before any data is encoded or model loaded
+    checkpoint = resume_checkpoint(cfg, out_dir, resume)  # before any data is encoded
 
     data = prepare_data(cfg, say, color, progress=progress and main)
     device = pick_device(cfg.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if main and checkpoint is None:  # a resumed run keeps the settings it started with
-        save_config(cfg, out_dir / "config.yaml")
-        write_text_atomic(out_dir / FINGERPRINT, json.dumps(fingerprint(cfg), indent=2) + "\n")
+    record_settings(cfg, out_dir, checkpoint)
     longest = max(len(e.input_ids) for e in data.train + data.eval)
     tokens = sum(len(e.input_ids) for e in data.train + data.eval)
     estimate = dry_run(cfg, lambda *_: None, longest, tokens)  # from the config, before loading
