@@ -176,13 +176,16 @@ def real_model_decode(
     rounds: int = 5,
     name: str | None = None,
     warmup: bool = True,
+    prefill_len: int = 300,
 ) -> dict:
-    """Batch-1 greedy decoding of a real model (SmolLM2-135M-Instruct, fp32): our GPT through
-    core's one decoding loop, with inference's fast path (`GPT.set_fast_inference`) on, off and
-    with bf16 weight copies, against transformers' `generate` on the same weights. All four
-    run interleaved, round after
-    round, and each figure is the median over the rounds (the load average is reported with it:
-    on a shared machine a neighbour's burst slows whichever run it lands on)."""
+    """Batch-1 greedy decoding of a real model (SmolLM2-135M-Instruct): our GPT through core's
+    one decoding loop, fp32 with inference's fast path (`GPT.set_fast_inference`) on and off,
+    and with float16 weights (`GPT.cast_weights`, what chat runs), against transformers'
+    `generate` in fp32 on the same weights. All four run interleaved, round after round, and
+    each figure is the median over the rounds (the load average is reported with it: on a
+    shared machine a neighbour's burst slows whichever run it lands on). Interleaved with them:
+    the time to the first token of a `prefill_len`-token prompt, ours (fp32, float16 weights)
+    and transformers'."""
     import os
 
     from transformers import AutoModelForCausalLM
@@ -191,7 +194,7 @@ def real_model_decode(
     from core.models import FOUNDATION_MODEL, load_model, resolve
 
     name = name or FOUNDATION_MODEL
-    ours = load_model(name)
+    ours, ours_fp16 = load_model(name), load_model(name).cast_weights(torch.float16)
     theirs = AutoModelForCausalLM.from_pretrained(resolve(name).source, dtype=torch.float32)
     theirs = theirs.eval()
     prompt = torch.randint(
@@ -199,19 +202,34 @@ def real_model_decode(
     )
 
     @torch.inference_mode()
-    def ours_generate(fast: bool, weights_dtype: torch.dtype | None = None) -> list[int]:
-        ours.set_fast_inference(fast, weights_dtype)
-        stepper = GPTStepper(ours, 1, prompt_len + new_tokens)
+    def ours_generate(model: GPT, fast: bool = True) -> list[int]:
+        model.set_fast_inference(fast)
+        stepper = GPTStepper(model, 1, prompt_len + new_tokens)
         return [int(t) for t, _, _ in decode(stepper, prompt, new_tokens, temperature=0.0)]
+
+    # Time to the first token of a long prompt: prefill, then the first token.
+    long_prompt = torch.randint(
+        0, ours.config.vocab_size, (1, prefill_len), generator=torch.Generator().manual_seed(1)
+    )
+
+    @torch.inference_mode()
+    def ours_first_token(model: GPT) -> list[int]:
+        stepper = GPTStepper(model, 1, prefill_len + 1)
+        return [int(t) for t, _, _ in decode(stepper, long_prompt, 1, temperature=0.0)]
 
     kwargs = greedy_kwargs(new_tokens)
     runs = {
-        "ours_fast": lambda: ours_generate(True),
-        "ours_plain": lambda: ours_generate(False),
-        "ours_bf16": lambda: ours_generate(True, torch.bfloat16),
+        "ours_fast": lambda: ours_generate(ours),
+        "ours_plain": lambda: ours_generate(ours, fast=False),
+        "ours_fp16": lambda: ours_generate(ours_fp16),
         "transformers": lambda: theirs.generate(prompt, **kwargs)[0, prompt_len:].tolist(),
+        "first_ours": lambda: ours_first_token(ours),
+        "first_ours_fp16": lambda: ours_first_token(ours_fp16),
+        "first_transformers": lambda: theirs.generate(long_prompt, **greedy_kwargs(1))[
+            0, prefill_len:
+        ].tolist(),
     }
-    for run in runs.values() if warmup else ():  # the fast path builds its weight copies
+    for run in runs.values() if warmup else ():
         run()
     load_before = os.getloadavg()[0]
     seconds: dict[str, list[float]] = {key: [] for key in runs}
@@ -222,7 +240,9 @@ def real_model_decode(
             tokens[key] = run()
             seconds[key].append(time.perf_counter() - t)
     ours.set_fast_inference(True)
+    first = {key: statistics.median(seconds.pop(key)) for key in list(seconds) if "first" in key}
     tps = {key: new_tokens / statistics.median(s) for key, s in seconds.items()}
+    agree = sum(a == b for a, b in zip(tokens["ours_fp16"], tokens["ours_fast"], strict=True))
     return {
         "model": name,
         "new_tokens": new_tokens,
@@ -231,13 +251,72 @@ def real_model_decode(
         "load_average": [load_before, os.getloadavg()[0]],
         "ours_fast_tokens_per_s": tps["ours_fast"],
         "ours_plain_tokens_per_s": tps["ours_plain"],
+        "ours_fp16_tokens_per_s": tps["ours_fp16"],
         "transformers_tokens_per_s": tps["transformers"],
         "speedup": tps["ours_fast"] / tps["transformers"],
-        "ours_bf16_tokens_per_s": tps["ours_bf16"],
         "plain_speedup": tps["ours_plain"] / tps["transformers"],
-        "bf16_speedup": tps["ours_bf16"] / tps["transformers"],
+        "fp16_speedup": tps["ours_fp16"] / tps["transformers"],
         "same_tokens": tokens["ours_fast"] == tokens["ours_plain"],
+        "fp16_same_greedy_tokens": agree / new_tokens,
+        "prefill_tokens": prefill_len,
+        "first_token_s": {key.removeprefix("first_"): value for key, value in first.items()},
     }
+
+
+DECODE_MEMORY_VARIANTS = ("ours", "ours_fp16", "transformers")
+
+
+def decode_memory_run(variant: str, name: str, new_tokens: int, prompt_len: int = 32) -> dict:
+    """In this process: load `name` as `variant`, then decode `new_tokens` greedily, batch 1, and
+    return the resident memory after loading and the peak while decoding (the high-water mark is
+    restarted after the load, so a loader's transient copies do not count)."""
+    from transformers import AutoModelForCausalLM
+
+    from core.generate import generate
+    from core.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from core.models import load_model, resolve
+
+    if variant == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(resolve(name).source, dtype=torch.float32)
+    else:
+        model = load_model(name)
+        if variant == "ours_fp16":
+            model.cast_weights(torch.float16)
+    import gc
+
+    gc.collect()
+    loaded, reset = rss_bytes(), reset_peak_rss()
+    prompt = torch.randint(0, 1000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        if variant == "transformers":
+            model.eval().generate(prompt, **greedy_kwargs(new_tokens))
+        else:
+            generate(model, prompt[0], max_new_tokens=new_tokens, temperature=0.0)
+    return {
+        "variant": variant,
+        "rss_after_load_bytes": loaded,
+        "peak_rss_decoding_bytes": peak_rss_bytes(),
+        "peak_is_decoding_only": reset,
+    }
+
+
+def decode_memory(name: str | None = None, new_tokens: int = 256) -> dict:
+    """`decode_memory_run` for each variant, each in a fresh process (its own peak, nothing
+    shared with the others): {variant: figures}."""
+    import subprocess
+    import sys
+
+    from core.models import FOUNDATION_MODEL
+
+    name = name or FOUNDATION_MODEL
+    results = {}
+    for variant in DECODE_MEMORY_VARIANTS:
+        argv = [sys.executable, "-m", "core.bench", "decode-memory", variant, name]
+        done = subprocess.run([*argv, str(new_tokens)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"decode memory, {variant}: {done.stderr.strip()[-500:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
 
 
 def tutor_config() -> dict:
@@ -297,25 +376,46 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
             f"  decode time per token: first 50 {gen['decode_ms_first_50']:.2f} ms, "
             f"last 50 {gen['decode_ms_last_50']:.2f} ms"
         )
-    real = (
-        real_model_decode(new_tokens=4, prompt_len=8, rounds=1, warmup=False)
-        if quick
-        else real_model_decode()
-    )
-    results["smollm2"] = {"decode": real}
+    if quick:
+        real = real_model_decode(new_tokens=4, prompt_len=8, rounds=1, warmup=False, prefill_len=16)
+        memory = decode_memory(new_tokens=4)
+    else:
+        real, memory = real_model_decode(), decode_memory()
+    results["smollm2"] = {"decode": real, "decode_memory": memory}
     echo(
-        f"SmolLM2-135M-Instruct, fp32, batch 1, {real['new_tokens']} tokens greedy, "
+        f"SmolLM2-135M-Instruct, batch 1, {real['new_tokens']} tokens greedy, "
         f"{real['threads']} threads, load average {real['load_average'][0]:.2f} -> "
         f"{real['load_average'][1]:.2f}, median of {real['rounds']} interleaved rounds:"
     )
     echo(
-        f"  decode: ours {real['ours_fast_tokens_per_s']:.1f} tok/s (fast inference path), "
-        f"ours {real['ours_plain_tokens_per_s']:.1f} tok/s (plain path), transformers generate "
-        f"{real['transformers_tokens_per_s']:.1f} tok/s -> {real['speedup']:.2f}x "
-        f"(plain {real['plain_speedup']:.2f}x; goal >= 2x)"
+        f"  decode, fp32: ours {real['ours_fast_tokens_per_s']:.1f} tok/s (fast inference "
+        f"path), ours {real['ours_plain_tokens_per_s']:.1f} tok/s (plain path), transformers "
+        f"generate {real['transformers_tokens_per_s']:.1f} tok/s -> {real['speedup']:.2f}x "
+        f"(plain {real['plain_speedup']:.2f}x)"
     )
     echo(
-        f"  decode, bf16 weight copies (lossy, KL bounded in tests): ours "
-        f"{real['ours_bf16_tokens_per_s']:.1f} tok/s -> {real['bf16_speedup']:.2f}x"
+        f"  decode, float16 weights (what chat runs; lossy, KL bounded in tests): ours "
+        f"{real['ours_fp16_tokens_per_s']:.1f} tok/s -> {real['fp16_speedup']:.2f}x transformers "
+        f"fp32 (goal >= 2x); {100 * real['fp16_same_greedy_tokens']:.0f}% of greedy tokens "
+        "the same as fp32"
+    )
+    first = real["first_token_s"]
+    echo(
+        f"  time to first token, {real['prefill_tokens']}-token prompt: ours fp32 "
+        f"{first['ours']:.2f} s, ours float16 weights {first['ours_fp16']:.2f} s, transformers "
+        f"{first['transformers']:.2f} s"
+    )
+    mib = {k: v["peak_rss_decoding_bytes"] / 2**20 for k, v in memory.items()}
+    echo(
+        f"  peak resident memory while decoding (fresh process each): ours fp32 "
+        f"{mib['ours']:.0f} MiB, ours float16 {mib['ours_fp16']:.0f} MiB, transformers "
+        f"{mib['transformers']:.0f} MiB"
     )
     return results
+
+
+if __name__ == "__main__":  # one decode_memory_run in a fresh process, for decode_memory
+    import sys
+
+    variant_arg, name_arg, tokens_arg = sys.argv[2:5]
+    print(json.dumps(decode_memory_run(variant_arg, name_arg, int(tokens_arg))))

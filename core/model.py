@@ -8,16 +8,13 @@ Parameter names are exactly those of transformers' `LlamaForCausalLM` (`model.la
 ...), so a checkpoint is a plain Hugging Face folder in both directions with no renaming table, and
 what you learn here carries over to reading `modeling_llama.py`.
 
-Inference fast path: under `torch.inference_mode()` (generation, the dashboard, chat) q/k/v and
-gate/up each run as one matrix multiply over concatenated copies of their weights, every weight
-(the vocabulary head too) is multiplied from a copy stored transposed, [in, out], and RMSNorm is
-one fused op. Decoding one token is a chain of matrix-vector products that read every weight
-once, and PyTorch's fp32 `x @ W.T` with W stored [out, in] is its slow case on CPU; fewer, larger
-products over the transposed layout make each token cheaper (`genai-lab bench` measures it).
-The copies are cached and rebuilt whenever a weight changes; training and `no_grad` code take the
-plain path, so training runs are bit-for-bit what they were. `GPT.set_fast_inference(False)`
-gives inference the plain path too; `weights_dtype=torch.bfloat16` there keeps the copies in
-bf16 (lossy, bounded in tests/test_decode_fast.py).
+Inference fast path: under `torch.inference_mode()` (generation, the dashboard, chat) RMSNorm is
+one fused op and decoding's one-row products split across the CPU threads (`run_linear`: PyTorch's
+fp32 matrix-vector product uses one core; slices of each weight's rows, views with nothing
+copied, read it with all of them). Training and `no_grad` code take the plain path, op for op;
+`GPT.set_fast_inference(False)` gives inference the plain path too. `GPT.cast_weights` stores
+the weights in float16 for inference (chat does): half the memory and bytes per token, lossy
+within bounds tested in tests/test_decode_fast.py. `genai-lab bench` measures both.
 
 Shapes in comments: B = batch, T = new tokens this call, S = all positions attended to (cache + T),
 H = query heads, KV = key/value heads, D = head dim, C = hidden size, V = vocab.
@@ -107,8 +104,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = torch.is_inference_mode_enabled() and getattr(self, "fast_inference", True)
-        if fast and x.dtype == torch.float32:
+        if x.dtype == torch.float32 and fast_inference_on(self):
             # One fused op instead of seven (decoding runs 61 norms per token); same numbers.
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 like Llama does, so fp16/bf16 weights give the same answer.
@@ -173,50 +169,62 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def fused_weights(owner: nn.Module, linears: list[nn.Module], name: str = "in") -> tuple | None:
-    """(weight, bias) of `linears` stacked along the output dim and stored transposed, [in, out]
-    (so `x @ weight` is the matmul), cached on `owner` under `name`; or None when the fast path
-    does not apply (gradients on, `fast_inference` off, a layer is not a plain nn.Linear, e.g.
-    after quantization, or a layer has hooks that must see it run). The cache key is each
-    weight's storage and version counter, so an in-place update (an optimizer step,
-    load_state_dict) or a move to another device rebuilds it.
-
-    Why transposed: for one token (decoding) the product is a matrix-vector one, and PyTorch's
-    (MKL's) fp32 `x @ W.T` over a weight stored [out, in] is its slow case on CPU, while `x @ Wt`
-    over the same numbers stored [in, out] streams them faster (SmolLM2 on a 2-core Zen 4:
-    ~1.25-1.4x more tokens/s; `genai-lab bench` measures it). Sums may run in another order, so
-    logits can differ from the plain path by float rounding (~1e-4 at most), not more."""
-    if not torch.is_inference_mode_enabled() or not getattr(owner, "fast_inference", True):
-        return None
-    if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in linears):
-        return None
-    dtype = getattr(owner, "inference_dtype", None) or linears[0].weight.dtype
-    tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
-    if any(t.is_inference() for t in tensors):  # made in inference mode: no version counter
-        return _stack(linears, dtype)
-    weights = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in linears)
-    key = (dtype, *weights)
-    key += tuple((m.bias.data_ptr(), m.bias._version) for m in linears if m.bias is not None)
-    fused = owner.__dict__.setdefault("_fused", {})  # plain attribute: not in the state dict
-    cached = fused.get((name, dtype))  # one slot per dtype: switching back and forth is free
-    if cached is None or cached[0] != key:
-        cached = fused[name, dtype] = (key, *_stack(linears, dtype))
-    return cached[1], cached[2]
+def fast_inference_on(module: nn.Module) -> bool:
+    """True under `torch.inference_mode()` unless `GPT.set_fast_inference(False)` turned it off
+    (never while torch.compile traces: the check would break its graph)."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+        return False
+    return module.__dict__.get("fast_inference", True)
 
 
-def _stack(
-    linears: list[nn.Linear], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([m.weight for m in linears]).t().to(dtype).contiguous()  # [in, out]
-    return weight, None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+# Below ~0.5 MB a weight sits in cache and waking the other threads costs more than it saves
+# (a tutor layer is 128 x 128); SmolLM2's smallest (k/v, 192 x 576) is about the break-even.
+SPLIT_MIN_WEIGHTS = 1 << 17
 
 
-def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear for a weight stored transposed ([in, out], from `fused_weights`). A weight kept
-    in another dtype (`GPT.set_fast_inference(weights_dtype=...)`) multiplies the input cast
-    to it, and the product is cast back: the activations keep their dtype."""
-    cast = weight_t.dtype != x.dtype
-    y = (x.to(weight_t.dtype) @ weight_t).to(x.dtype) if cast else x @ weight_t
+def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, for a plain nn.Linear through two shortcuts (any other layer, e.g. quantized
+    or LoRA-wrapped, or one with hooks, runs as itself, so its hooks fire):
+
+    - Under inference mode, decoding's one-row products split across the CPU threads. Decoding
+      one token multiplies a single row by every weight, and PyTorch's fp32 matrix-vector
+      product runs on one core (MKL's sgemv), reading the weights at about half the bandwidth
+      two cores reach. Cutting the weight's rows into one slice per thread (views, nothing
+      copied) lets `bmm` multiply the slices in parallel: the same dot products, up to float
+      rounding, in about half the time on two cores (`genai-lab bench`). Prefill and batches
+      keep `F.linear`, already parallel.
+    - A weight stored in another dtype than the activations (`GPT.cast_weights`) multiplies one
+      row cast to its dtype (the product is cast back); several rows (prefill) multiply the
+      weight cast to theirs, since matrix-matrix products run fastest in fp32 on a CPU."""
+    if (
+        torch.compiler.is_compiling()  # a traced graph has no use for either, and no breaks
+        or type(layer) is not nn.Linear
+        or layer._forward_hooks
+        or layer._forward_pre_hooks
+    ):
+        return layer(x)
+    weight, bias = layer._parameters["weight"], layer._parameters["bias"]
+    if weight.dtype != x.dtype:
+        if x.numel() == weight.shape[1] or weight.device.type != "cpu":  # one row: fewer bytes
+            y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+        else:  # several rows: CPUs multiply matrices fastest in fp32 (fp16's: ~3.5x slower)
+            y = F.linear(x, weight.to(x.dtype))
+        return y if bias is None else y + bias
+    out_features, in_features = weight.shape
+    if not (
+        x.numel() == in_features  # one row: a matrix-vector product
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.numel() >= SPLIT_MIN_WEIGHTS
+        and fast_inference_on(layer)
+        and (parts := torch.get_num_threads()) > 1
+        and out_features % parts == 0
+    ):
+        return layer(x)
+    y = torch.bmm(  # [parts, 1, in] @ [parts, in, out/parts] -> [parts, 1, out/parts]
+        x.reshape(1, 1, in_features).expand(parts, 1, in_features),
+        weight.view(parts, out_features // parts, in_features).transpose(1, 2),
+    ).view(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
 
 
@@ -261,16 +269,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
-        fused = fused_weights(self, [self.q_proj, self.k_proj, self.v_proj])
-        if fused is not None:  # inference: one matmul for q, k, v and one rotation for q and k
-            qkv = linear_t(x, *fused).view(B, T, H + 2 * KV, D).transpose(1, 2)
-            qk = apply_rotary(qkv[:, : H + KV], cos, sin)
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
-        else:
-            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-            k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
-            v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = run_linear(self.q_proj, x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = run_linear(self.k_proj, x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
+        v = run_linear(self.v_proj, x).view(B, T, KV, D).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         past = 0
         if cache is not None:
@@ -292,8 +294,7 @@ class Attention(nn.Module):
         if self.record_attention:
             self.attention_probs = attention_probabilities(q, k, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, H * D)
-        out = fused_weights(self, [self.o_proj], "out")
-        return self.o_proj(y) if out is None else linear_t(y, *out)
+        return run_linear(self.o_proj, y)
 
 
 class MLP(nn.Module):
@@ -308,13 +309,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = fused_weights(self, [self.gate_proj, self.up_proj])
-        if fused is not None:  # inference: gate and up in one matmul
-            gate, up = linear_t(x, *fused).chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
-            down = fused_weights(self, [self.down_proj], "out")
-            return self.down_proj(hidden) if down is None else linear_t(hidden, *down)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = run_linear(self.gate_proj, x), run_linear(self.up_proj, x)
+        return run_linear(self.down_proj, F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -351,7 +347,7 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """input_ids [B, T] -> final-norm hidden states [B, T, C] (rotary tables cos/sin [T, D]
         for these positions)."""
-        x = self.embed_tokens(input_ids)  # [B, T, C]
+        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # [B, T, C]
         for layer in self.layers:
             x = layer(x, cos, sin, cache)
         return self.norm(x)
@@ -391,26 +387,37 @@ class GPT(nn.Module):
         return self.head(self.hidden_states(input_ids, cache))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [..., C] -> logits [..., V] (the vocabulary head; under
-        inference mode through its transposed copy, see `fused_weights`)."""
-        fused = fused_weights(self, [self.lm_head], "head")
-        return self.lm_head(h) if fused is None else linear_t(h, *fused)
+        """Final-norm hidden states [..., C] -> logits [..., V] (the vocabulary head)."""
+        return run_linear(self.lm_head, h)
 
-    def set_fast_inference(self, on: bool = True, weights_dtype: torch.dtype | None = None) -> GPT:
-        """Inference mode's fast path (on by default): fused q/k/v and gate/up, weights stored
-        transposed, one-op norms; same numbers as the plain path up to float rounding. Off:
-        inference runs the plain path that training and `no_grad` take, op for op, slower.
-
-        `weights_dtype=torch.bfloat16` keeps the inference copies of the weights in bfloat16
-        (half the bytes to read per token; on a 2-core Zen 4 it measured no faster than fp32,
-        `genai-lab bench` shows it) while activations, norms, attention and the cache stay in
-        the model's dtype. That is lossy:
-        tests/test_decode_fast.py bounds the KL divergence it costs. None: the weights' own
-        dtype (exact fp32 for an fp32 model). The copies are rebuilt only when a weight or this
-        setting changes."""
+    def set_fast_inference(self, on: bool = True) -> GPT:
+        """Inference mode's fast path (on by default): one-op norms, and one-row (decoding)
+        products split across the CPU threads (`run_linear`); same numbers as the plain path up
+        to float rounding, no weight copied. Off: inference runs the plain path that training
+        and `no_grad` take, op for op, slower."""
         for module in self.modules():
             module.fast_inference = on
-            module.inference_dtype = weights_dtype
+        return self
+
+    def cast_weights(self, dtype: torch.dtype = torch.float16) -> GPT:
+        """For inference only: store every linear layer's weight (and the embedding tied to the
+        vocabulary head) in `dtype`, in place, while activations, norms, attention and the KV
+        cache stay in the model's dtype (each product casts its input to `dtype` and its result
+        back). float16 halves the weights' memory and the bytes each token reads, and PyTorch's
+        float16 matrix-vector kernel accumulates in fp32 at memory speed on a CPU (bf16's runs
+        slower here). float16 rather than bfloat16: the same bytes, three more mantissa bits,
+        and trained weights sit far inside its range. Lossy: tests/test_decode_fast.py bounds
+        the KL divergence it costs; `genai-lab bench` measures the speed."""
+        for module in self.modules():
+            if type(module) is nn.Linear:
+                module.weight = nn.Parameter(module.weight.detach().to(dtype), False)
+        if self.config.tie_word_embeddings:
+            self.model.embed_tokens.weight = self.lm_head.weight
+        # A loader's tensors may share one memory-mapped weights file: copy the few left (norms,
+        # biases) so nothing holds the mapping and the fp32 pages the cast read are given back.
+        for param in self.parameters():
+            if param.dtype != dtype:
+                param.data = param.data.clone()
         return self
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -425,15 +432,18 @@ class GPT(nn.Module):
             )
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + T}")
-        cos = self.rope_cos[start : start + T].to(self.model.embed_tokens.weight.dtype)
-        sin = self.rope_sin[start : start + T].to(self.model.embed_tokens.weight.dtype)
+        dtype = self.model.norm.weight.dtype  # the activations' (`cast_weights` keeps them)
+        cos, sin = (
+            self.rope_cos[start : start + T].to(dtype),
+            self.rope_sin[start : start + T].to(dtype),
+        )
         h = self.model(input_ids, cos, sin, cache)
         if cache is not None:
             cache.length += T
         return h
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        w = self.model.embed_tokens.weight
+        w = self.model.norm.weight  # the activations' dtype (`cast_weights` keeps it)
         return KVCache(
             self.config,
             batch_size,

@@ -9,41 +9,22 @@ first evaluation ...).
 
 from __future__ import annotations
 
-import resource
-import sys
-
 import torch
 from transformers import TrainerCallback
+
+from core.memory import peak_rss_bytes
 
 
 def peak_memory() -> dict[str, int | None]:
     """{"cpu_peak_rss_bytes", "gpu_peak_allocated_bytes"} of this process so far.
 
-    CPU: the largest resident set of this program so far: on Linux the kernel's high-water mark
-    VmHWM from /proc/self/status, because `getrusage(RUSAGE_SELF).ru_maxrss` survives exec, so a
-    command started from a large process (a test worker, a notebook) would report its parent's
-    peak; elsewhere ru_maxrss (bytes on macOS). It never goes down. GPU:
+    CPU: the largest resident set of this program so far (`core.memory.peak_rss_bytes`: the
+    kernel's high-water mark, not ru_maxrss, which survives exec). It never goes down. GPU:
     `torch.cuda.max_memory_allocated()` (tensors only, without the CUDA context or the caching
     allocator's reserve), None without CUDA. Child processes (data loader workers) are not
     counted."""
-    cpu = _vm_hwm()
-    if cpu is None:
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        cpu = maxrss if sys.platform == "darwin" else maxrss * 1024
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"cpu_peak_rss_bytes": int(cpu), "gpu_peak_allocated_bytes": gpu}
-
-
-def _vm_hwm() -> int | None:
-    """VmHWM of /proc/self/status in bytes, or None where there is no /proc."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return {"cpu_peak_rss_bytes": peak_rss_bytes(), "gpu_peak_allocated_bytes": gpu}
 
 
 class PeakMemory(TrainerCallback):

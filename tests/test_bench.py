@@ -26,7 +26,14 @@ def test_bench_quick_reports_all_ratios(tmp_path):
         gen, train = data[shape]["generation"], data[shape]["training"]
         assert train["speedup"] > 0 and gen["speedup"] > 0 and data[shape]["mfu"] > 0
         assert gen["new_tokens"] == 110
-    real = data["smollm2"]["decode"]  # the real model's decode: fast, plain, bf16, transformers
-    assert real["speedup"] > 0 and real["plain_speedup"] > 0 and real["bf16_speedup"] > 0
+    real = data["smollm2"]["decode"]  # the real model's decode: fast, plain, fp16, transformers
+    assert real["speedup"] > 0 and real["plain_speedup"] > 0 and real["fp16_speedup"] > 0
     assert real["threads"] >= 1 and len(real["load_average"]) == 2 and real["same_tokens"]
+    assert 0 <= real["fp16_same_greedy_tokens"] <= 1
+    assert set(real["first_token_s"]) == {"ours", "ours_fp16", "transformers"}
+    memory = data["smollm2"]["decode_memory"]  # each variant in its own process
+    assert set(memory) == {"ours", "ours_fp16", "transformers"}
+    for figures in memory.values():
+        assert figures["peak_rss_decoding_bytes"] > 100 * 2**20
+    assert "peak resident memory while decoding" in result.stdout
     assert "SmolLM2-135M-Instruct" in result.stdout and "load average" in result.stdout

@@ -101,14 +101,15 @@ def test_kv_cache_gives_same_logits_as_full_pass():
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-4)
 
 
-def test_fused_inference_weights_follow_weight_updates_and_stay_out_of_the_state_dict():
+def test_fast_inference_follows_weight_updates_and_copies_no_weight():
     model = random_gpt(64, 4, 2, 2, False, bias=True)
     ids = torch.randint(0, 101, (2, 12))
     keys = set(model.state_dict())
     with torch.inference_mode():
         before = model(ids)
-    assert hasattr(model.model.layers[0].self_attn, "_fused")  # the fast path ran
     assert set(model.state_dict()) == keys
+    for module in model.modules():  # nothing cached beside the weights
+        assert not any(isinstance(v, torch.Tensor | tuple) for v in vars(module).values())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # an in-place update of every weight
     model(ids).logsumexp(-1).mean().backward()
     optimizer.step()
@@ -119,6 +120,54 @@ def test_fused_inference_weights_follow_weight_updates_and_stay_out_of_the_state
         after = model(ids)
     assert (after - before).abs().max() > 0.1  # the update shows ...
     assert torch.allclose(after, plain, atol=1e-5)  # ... and the fast path equals the plain one
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_one_row_products_split_across_threads_match_f_linear(threads):
+    """Decoding's one-row products run as one bmm over a slice of the rows per thread (the
+    slices are views); with 3 threads 1024 rows do not split evenly and F.linear runs instead."""
+    from core.model import SPLIT_MIN_WEIGHTS, run_linear
+
+    layer = torch.nn.Linear(SPLIT_MIN_WEIGHTS // 1024, 1024, bias=True)
+    x = torch.randn(1, 1, layer.in_features)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            fast = run_linear(layer, x)
+            profile_ops = _ops_run(lambda: run_linear(layer, x))
+    finally:
+        torch.set_num_threads(old)
+    assert fast.shape == (1, 1, 1024)
+    assert torch.allclose(fast, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
+    assert ("aten::bmm" in profile_ops) == (threads == 2)
+
+
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile() as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+def test_cast_weights_stores_linear_weights_in_float16_and_keeps_activations():
+    model = random_gpt(64, 4, 2, 2, True, seed=3)
+    ids = torch.randint(0, 101, (1, 10))
+    with torch.no_grad():
+        exact = model(ids)
+    model.cast_weights(torch.float16)
+    assert model.lm_head.weight.dtype == torch.float16  # tied: the embedding with it
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
+    assert model.model.norm.weight.dtype == torch.float32
+    with torch.inference_mode():
+        cache = model.new_cache(1, 10)
+        assert cache.keys[0].dtype == torch.float32
+        steps = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(10)], 1)
+        whole = model(ids)
+    assert steps.dtype == whole.dtype == torch.float32
+    # Rounded (logits span ~10), not broken, whether a product takes one row (decoding: the
+    # input rounded to float16) or several (prefill: the weight widened to fp32).
+    assert 0 < (whole - exact).abs().max() < 0.1 and 0 < (steps - exact).abs().max() < 0.1
 
 
 def test_greedy_generation_same_with_and_without_cache():

@@ -50,9 +50,6 @@ def private_copy(model: GPT) -> GPT:
     module objects). The dashboard's model is shared by every page and session; hooks and the
     record flag set on it would fire on, or be overwritten by, their forward passes too."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    for module in model.modules():  # inference's fused q/k/v weights: share, don't copy
-        if hasattr(module, "_fused"):
-            memo[id(module._fused)] = module._fused
     return copy.deepcopy(model, memo)
 
 
