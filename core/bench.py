@@ -45,6 +45,19 @@ def matmul_peak_flops(size: int = 1024, seconds: float = 1.0) -> float:
     return best
 
 
+# The second training shape of the speed goals: 6 layers of width 256, full multi-head attention.
+D256_CONFIG = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+
 def _time_steps(step: Callable[[], None], warmup: int, repeats: int) -> float:
     """Median seconds per call after warm-up (the median shrugs off a noisy neighbour)."""
     for _ in range(warmup):
@@ -75,7 +88,13 @@ def training_throughput(
     repeats: int = 5,
     config: dict | None = None,
     rounds: int = 4,
+    compiled: bool = False,
 ) -> dict:
+    """Training steps (forward, backward, AdamW) per second, ours and transformers' on the same
+    weights and batch, interleaved; with `compiled`, also ours under `torch.compile` (what
+    `--set compile=true` runs in pre-training; its compilation is paid in the warm-up)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -90,12 +109,23 @@ def training_throughput(
     # Interleave the two so a slow patch of the machine hits both alike.
     ours_step = _train_step_fn(ours, ours, batch, targets)
     theirs_step = _train_step_fn(theirs, lambda x: theirs(input_ids=x).logits, batch, targets)
-    t_ours, t_theirs = [], []
+    twin = copy.deepcopy(ours)  # its own weights and optimizer, the same starting point
+    twin_step = _train_step_fn(twin, torch.compile(twin), batch, targets) if compiled else None
+    t_ours, t_theirs, t_compiled = [], [], []
     for _ in range(rounds):
         t_ours.append(_time_steps(ours_step, warmup=1, repeats=repeats))
         t_theirs.append(_time_steps(theirs_step, warmup=1, repeats=repeats))
+        if twin_step is not None:
+            t_compiled.append(_time_steps(twin_step, warmup=1, repeats=repeats))
     ours_tps, theirs_tps = tokens / min(t_ours), tokens / min(t_theirs)
+    extra = {}
+    if t_compiled:
+        extra = {
+            "ours_compiled_tokens_per_s": tokens / min(t_compiled),
+            "compiled_speedup": min(t_theirs) / min(t_compiled),
+        }
     return {
+        **extra,
         "config": {**(config or BENCH_CONFIG), "batch_size": batch_size, "seq_len": seq_len},
         "parameters": ours.num_parameters(),
         "ours_tokens_per_s": ours_tps,
@@ -338,6 +368,8 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
     echo(f"  fp32 matmul peak (1024x1024): {peak / 1e9:.1f} GFLOP/s")
     results: dict = {"matmul_peak_flops": peak}
     setups = {"tutor-base": tutor_config(), "12M": BENCH_CONFIG}
+    if not quick:
+        setups["6L-d256"] = D256_CONFIG
     for name, config in setups.items():
         if quick:
             train = training_throughput(
@@ -345,10 +377,13 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
             )
             gen = generation_throughput(new_tokens=110, config=config, rounds=1)
         elif name == "tutor-base":
-            train = training_throughput(batch_size=32, seq_len=128, config=config)
+            train = training_throughput(batch_size=32, seq_len=128, config=config, compiled=True)
+            gen = generation_throughput(config=config)
+        elif name == "6L-d256":
+            train = training_throughput(batch_size=8, seq_len=128, config=config, compiled=True)
             gen = generation_throughput(config=config)
         else:
-            train = training_throughput(batch_size=8, seq_len=256, config=config)
+            train = training_throughput(batch_size=8, seq_len=256, config=config, compiled=True)
             gen = generation_throughput(config=config)
         # Shared machines change speed over minutes: measure the roof again right after the
         # training run and keep the best seen, so MFU is never inflated by a slow first reading.
@@ -363,6 +398,12 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
             f"{train['transformers_tokens_per_s']:.0f} tok/s -> {train['speedup']:.2f}x "
             "(goal >= 1.1x)"
         )
+        if "compiled_speedup" in train:
+            echo(
+                f"  training under torch.compile (--set compile=true): ours "
+                f"{train['ours_compiled_tokens_per_s']:.0f} tok/s -> "
+                f"{train['compiled_speedup']:.2f}x transformers"
+            )
         echo(
             f"  model-FLOPs utilisation: {100 * mfu:.0f}% of the best matmul peak seen so far, "
             f"{peak / 1e9:.1f} GFLOP/s (goal >= 60%)"

@@ -113,7 +113,5 @@ def test_float16_weights_cost_a_small_kl_on_smollm2():
     tokenizer = AutoTokenizer.from_pretrained(resolve(FOUNDATION_MODEL).source)
     ids = _heldout_text_ids(tokenizer, 128)
     kl16, agree16 = _cast_kl(model, ids, torch.float16)
-    klbf, _ = _cast_kl(model, ids, torch.bfloat16)
-    assert 0 < kl16.mean() < 5e-4 and kl16.max() < 1e-2
-    assert kl16.mean() < klbf.mean() / 4
+    assert 0 < kl16.mean() < 2e-4 and kl16.max() < 2e-3
     assert agree16 > 0.97

@@ -264,3 +264,12 @@ def test_stream_steps_report_the_chosen_token_and_alternatives():
         assert s.probability == pytest.approx(s.top_probabilities[0])
         assert s.top_probabilities == sorted(s.top_probabilities, reverse=True)
         assert len(s.top_ids) == 4 and 0 < sum(s.top_probabilities) <= 1 + 1e-6
+
+
+def test_the_training_forward_traces_as_one_graph_for_torch_compile():
+    """`--set compile=true` (pre-training) compiles the model: the training forward must trace
+    as one graph, with no break (the inference checks must stay out of its way)."""
+    model = random_gpt(64, 4, 2, 2, True, seed=1).train()
+    ids = torch.randint(0, 101, (2, 12))
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

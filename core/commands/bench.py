@@ -23,6 +23,15 @@ def bench_command(
         list[str] | None,
         typer.Option(help="Run only these sections: core, finetune, chat, dashboard."),
     ] = None,
+    against: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also decode SmolLM2 with llama.cpp ('llama.cpp'): F32, F16, Q8_0 and Q4_1 "
+            "files beside our fp32 and float16 weights. Builds llama-cpp-python into its own "
+            "environment under the cache folder on first use (minutes); skipped with a "
+            "message when that fails."
+        ),
+    ] = None,
 ) -> None:
     """Measure our code against transformers side by side in one run and print the ratios."""
     # Each package contributes its own section through the `genai_lab.bench` entry points.
@@ -33,12 +42,20 @@ def bench_command(
         if unknown:  # checked before anything runs: a typo must not yield an empty, "passing" run
             raise ValueError(f"--only: got {unknown[0]!r}, must be one of {', '.join(names)}")
         sections = [e for e in sections if e.name in only]
+    unknown = [name for name in against or [] if name != "llama.cpp"]
+    if unknown:
+        raise ValueError(f"--against: got {unknown[0]!r}, the one known is 'llama.cpp'")
     if output is not None and output.is_dir():
         raise ValueError(f"--output: {output} is a folder; give a file name for the JSON")
     results = {}
     for ep in sections:
         typer.echo(f"== {ep.name} ==")
         results[ep.name] = ep.load()(quick=quick, echo=typer.echo)
+    if against:
+        from core.bench_llamacpp import against_llama_cpp
+
+        typer.echo("== against llama.cpp ==")
+        results["against"] = {"llama.cpp": against_llama_cpp(quick=quick, echo=typer.echo)}
     if output:
         with naming_write_errors(output):
             output.write_text(json.dumps(results, indent=2, default=str) + "\n")

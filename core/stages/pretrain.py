@@ -82,6 +82,9 @@ class PretrainConfig(TrainConfig):
     warmup_steps: int = 100
     weight_decay: float = 0.1
     seed: int = 1337
+    # torch.compile the training forward and backward: one graph without breaks, ~1.1x faster
+    # steps on a CPU (`genai-lab bench`) after a compilation of ~15-45 s; evaluation stays eager.
+    compile: bool = False
     # bookkeeping
     eval_every: int = 250
     eval_batches: int = 16
@@ -380,11 +383,13 @@ def pretrain(
     model = GPT(cfg.model_config(len(tokenizer), special)).to(cfg.device)  # fit loads a resume
     evals = eval_batches(eval_tokens, cfg)
 
+    forward = torch.compile(model) if cfg.compile else model  # the same parameters
+
     def train_step(step: int, optimizer) -> dict:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):  # gradients add up over micro-batches
             x, y = batch_for_step(train_tokens, step, micro, cfg)
-            loss = lm_loss(model(x.to(cfg.device)), y.to(cfg.device)) / cfg.grad_accum
+            loss = lm_loss(forward(x.to(cfg.device)), y.to(cfg.device)) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
         return {"loss": loss_sum, "grad_norm": clip_and_step(model, optimizer, cfg.grad_clip)}
