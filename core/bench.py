@@ -300,13 +300,13 @@ def decode_memory_run(variant: str, name: str, new_tokens: int, prompt_len: int 
     """In this process: load `name` as `variant`, then decode `new_tokens` greedily, batch 1, and
     return the resident memory after loading and the peak while decoding (the high-water mark is
     restarted after the load, so a loader's transient copies do not count)."""
-    from transformers import AutoModelForCausalLM
-
     from core.generate import generate
     from core.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
     from core.models import load_model, resolve
 
     if variant == "transformers":
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(resolve(name).source, dtype=torch.float32)
     else:
         model = load_model(name)

@@ -81,11 +81,11 @@ def test_fsdp_config_becomes_a_full_shard_fsdp2_plugin_wrapping_llama_layers(mon
 @pytest.mark.slow
 def test_cpu_ddp_config_trains_with_two_processes(tmp_path):
     """`accelerate launch --config_file finetune/accelerate/cpu_ddp.yaml`: two processes over gloo,
-    rank 0 alone writes and prints."""
+    each its share of every batch, QLoRA's 4-bit base in each; rank 0 alone writes and prints."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd += ["--config_file", str(CONFIGS / "cpu_ddp.yaml"), "--main_process_port", str(free_port())]
-    cmd += ["-m", "core", "finetune", "--data", str(ALPACA), "--method", "lora", "--quiet"]
+    cmd += ["-m", "core", "finetune", "--data", str(ALPACA), "--method", "qlora", "--quiet"]
     cmd += ["--max-steps", "2", "--batch-size", "2", "--num-samples", "0"]
     cmd += ["--output-dir", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
