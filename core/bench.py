@@ -330,7 +330,9 @@ def decode_memory_run(variant: str, name: str, new_tokens: int, prompt_len: int 
     }
 
 
-def decode_memory(name: str | None = None, new_tokens: int = 256) -> dict:
+def decode_memory(
+    name: str | None = None, new_tokens: int = 256, variants=DECODE_MEMORY_VARIANTS
+) -> dict:
     """`decode_memory_run` for each variant, each in a fresh process (its own peak, nothing
     shared with the others): {variant: figures}."""
     import subprocess
@@ -340,7 +342,7 @@ def decode_memory(name: str | None = None, new_tokens: int = 256) -> dict:
 
     name = name or FOUNDATION_MODEL
     results = {}
-    for variant in DECODE_MEMORY_VARIANTS:
+    for variant in variants:
         argv = [sys.executable, "-m", "core.bench", "decode-memory", variant, name]
         done = subprocess.run([*argv, str(new_tokens)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -419,7 +421,7 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
         )
     if quick:
         real = real_model_decode(new_tokens=4, prompt_len=8, rounds=1, warmup=False, prefill_len=16)
-        memory = decode_memory(new_tokens=4)
+        memory = decode_memory(new_tokens=4, variants=("ours_fp16", "transformers"))
     else:
         real, memory = real_model_decode(), decode_memory()
     results["smollm2"] = {"decode": real, "decode_memory": memory}
@@ -446,11 +448,12 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
         f"{first['ours']:.2f} s, ours float16 weights {first['ours_fp16']:.2f} s, transformers "
         f"{first['transformers']:.2f} s"
     )
-    mib = {k: v["peak_rss_decoding_bytes"] / 2**20 for k, v in memory.items()}
+    labels = {"ours": "ours fp32", "ours_fp16": "ours float16", "transformers": "transformers"}
     echo(
-        f"  peak resident memory while decoding (fresh process each): ours fp32 "
-        f"{mib['ours']:.0f} MiB, ours float16 {mib['ours_fp16']:.0f} MiB, transformers "
-        f"{mib['transformers']:.0f} MiB"
+        "  peak resident memory while decoding (fresh process each): "
+        + ", ".join(
+            f"{labels[k]} {v['peak_rss_decoding_bytes'] / 2**20:.0f} MiB" for k, v in memory.items()
+        )
     )
     return results
 

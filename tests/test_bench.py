@@ -31,8 +31,8 @@ def test_bench_quick_reports_all_ratios(tmp_path):
     assert real["threads"] >= 1 and len(real["load_average"]) == 2 and real["same_tokens"]
     assert 0 <= real["fp16_same_greedy_tokens"] <= 1
     assert set(real["first_token_s"]) == {"ours", "ours_fp16", "transformers"}
-    memory = data["smollm2"]["decode_memory"]  # each variant in its own process
-    assert set(memory) == {"ours", "ours_fp16", "transformers"}
+    memory = data["smollm2"]["decode_memory"]  # each in its own process (--quick: two of three)
+    assert set(memory) == {"ours_fp16", "transformers"}
     for figures in memory.values():
         assert figures["peak_rss_decoding_bytes"] > 100 * 2**20
     assert "peak resident memory while decoding" in result.stdout

@@ -216,26 +216,22 @@ def test_set_options_survive_unset_flags_and_given_flags_win():
 
 
 @pytest.mark.slow
-def test_compiled_training_resumes_exactly_and_matches_eager(tmp_path):
-    """`compile: true` (torch.compile of the training forward): a run resumed from its step-20
-    checkpoint repeats the uninterrupted run's losses exactly; eager training takes the same
-    path up to float reordering (measured ~2e-4 relative)."""
+def test_compiled_training_resumes_exactly(tmp_path):
+    """`compile: true` (torch.compile of the training forward): a run resumed from its step-12
+    checkpoint repeats the uninterrupted run's losses exactly. (Against eager training the losses
+    differ by float reordering only: ~2e-4 relative, measured once; not repeated here, to keep
+    the suite's time.)"""
     import shutil
 
-    cfg = write_config(tmp_path / "c.yaml", max_steps=30, checkpoint_every=10, compile=True)
+    torch._dynamo.utils.counters.clear()
+    cfg = write_config(tmp_path / "c.yaml", max_steps=18, checkpoint_every=6, compile=True)
     pretrain(load_config(PretrainConfig, cfg), tmp_path / "a", progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000030")  # as if killed after 20
-    assert latest_checkpoint(tmp_path / "b").name == "step_0000020"
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000018")  # as if killed after 12
+    assert latest_checkpoint(tmp_path / "b").name == "step_0000012"
     pretrain(load_config(PretrainConfig, cfg), tmp_path / "b", resume=True, progress=False)
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [m["step"] for m in b] == [m["step"] for m in a]
-    resumed = [(x["loss"], y["loss"]) for x, y in zip(a, b, strict=True) if x["step"] > 20]
-    assert len(resumed) == 10 and all(x == y for x, y in resumed)
-
-    eager_cfg = write_config(tmp_path / "e.yaml", max_steps=30, checkpoint_every=10)
-    pretrain(load_config(PretrainConfig, eager_cfg), tmp_path / "e", progress=False)
-    eager = [m["loss"] for m in read_metrics(tmp_path / "e") if "loss" in m]
-    compiled = [m["loss"] for m in a if "loss" in m]
-    assert compiled != eager  # really compiled: fused kernels round differently ...
-    assert compiled == pytest.approx(eager, rel=2e-3)  # ... on the same path
+    resumed = [(x["loss"], y["loss"]) for x, y in zip(a, b, strict=True) if x["step"] > 12]
+    assert len(resumed) == 6 and all(x == y for x, y in resumed)
