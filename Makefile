@@ -2,7 +2,7 @@
 # `make test-fast` lint + the tests not marked slow.
 # Both create/refresh .venv first. torch is pinned (constraints.txt) so pip takes the local CPU build.
 # Byte-compiling every package takes ~40 s of a ~70 s install when pip does it; compileall on
-# both cores takes ~26 s. It must happen here: where PYTHONDONTWRITEBYTECODE is set (as on CI)
+# both cores takes ~26 s. It must happen here: where PYTHONDONTWRITEBYTECODE is set (as here)
 # nothing caches .pyc files later, and every process would compile its imports from source
 # (measured: +3 minutes of `make test`).
 PYTHON ?= python3.11
