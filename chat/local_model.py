@@ -73,7 +73,7 @@ def load_local_model(spec: str, device: str = "cpu"):
         raise ValueError(f"{spec}: the tokenizer has no chat template, so it cannot chat")
     if isinstance(lm, GPT) and lm.model.norm.weight.device.type == "cpu":
         # Chat only decodes: float16 weights halve the model's memory and the bytes each token
-        # reads (SmolLM2: ~1.7x tokens/s over fp32; `genai-lab bench --only core`), at a KL of
+        # reads (SmolLM2: ~1.9x tokens/s over fp32; `genai-lab bench --only core`), at a KL of
         # ~1e-5 nats/token to the fp32 model (tests/test_decode_fast.py).
         lm.cast_weights(torch.float16)
     return lm, tokenizer

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from core.atomic import atomic_file
 from core.embedded import cache_dir
 
 LLAMA_CPP_PACKAGE = "llama-cpp-python"
@@ -70,7 +71,6 @@ def write_gguf_files(source: Path, folder: Path, formats=FORMATS) -> dict[str, P
     """The shipped GGUF rewritten with its tensors in each format (metadata copied), cached in
     `folder` by the source file's size and time; {format: path}."""
     import gguf
-    import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
     stat = source.stat()
@@ -87,33 +87,39 @@ def write_gguf_files(source: Path, folder: Path, formats=FORMATS) -> dict[str, P
         qtype = gguf.GGMLQuantizationType[name]
         reader = gguf.GGUFReader(source)
         arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-        tmp = path.with_suffix(".tmp")
-        writer = gguf.GGUFWriter(tmp, arch)
-        for field in reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name in (
-                gguf.Keys.General.ARCHITECTURE,
-                gguf.Keys.General.FILE_TYPE,
-            ):
-                continue
-            kind = field.types[0]
-            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-        writer.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[name])
-        for tensor in reader.tensors:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-            if values.ndim == 1 or name == "F32":  # norms stay F32, as llama.cpp writes them
-                writer.add_tensor(tensor.name, values)
-            elif name == "F16":
-                writer.add_tensor(tensor.name, values.astype(np.float16))
-            else:
-                data = gguf.quants.quantize(values, qtype)
-                writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(path)
+        with atomic_file(path) as tmp:  # two runs at once each write their own, then rename
+            _write_gguf(reader, gguf.GGUFWriter(tmp, arch), name, qtype)
     return paths
+
+
+def _write_gguf(reader, writer, name: str, qtype) -> None:
+    """Copy `reader`'s metadata into `writer` and write its tensors in format `name`."""
+    import gguf
+    import numpy as np
+
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in (
+            gguf.Keys.General.ARCHITECTURE,
+            gguf.Keys.General.FILE_TYPE,
+        ):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    writer.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[name])
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if values.ndim == 1 or name == "F32":  # norms stay F32, as llama.cpp writes them
+            writer.add_tensor(tensor.name, values)
+        elif name == "F16":
+            writer.add_tensor(tensor.name, values.astype(np.float16))
+        else:
+            data = gguf.quants.quantize(values, qtype)
+            writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 # Runs in the llama.cpp environment: argv = threads, new_tokens, prefill_len, then paths.

@@ -408,6 +408,8 @@ class GPT(nn.Module):
         slower here). float16 rather than bfloat16: the same bytes, three more mantissa bits,
         and trained weights sit far inside its range. Lossy: tests/test_decode_fast.py bounds
         the KL divergence it costs; `genai-lab bench` measures the speed."""
+        if not dtype.is_floating_point:
+            raise ValueError(f"cast_weights: {dtype} is not a floating-point dtype")
         for module in self.modules():
             if type(module) is nn.Linear:
                 module.weight = nn.Parameter(module.weight.detach().to(dtype), False)

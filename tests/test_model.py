@@ -273,3 +273,10 @@ def test_the_training_forward_traces_as_one_graph_for_torch_compile():
     ids = torch.randint(0, 101, (2, 12))
     explained = torch._dynamo.explain(model)(ids)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_cast_weights_refuses_a_dtype_that_is_not_floating_point():
+    model = random_gpt(64, 4, 2, 2, True, seed=2)
+    with pytest.raises(ValueError, match=r"torch\.int8 is not a floating-point dtype"):
+        model.cast_weights(torch.int8)
+    assert model.lm_head.weight.dtype == torch.float32  # nothing changed
