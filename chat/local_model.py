@@ -34,6 +34,7 @@ from pydantic import Field
 
 from core.chat_format import encode_prompt, stop_ids
 from core.generate import model_context, stream_steps, stream_text
+from core.int4 import ON_GRID, Int4GPT, on_4bit_grid
 from core.model import GPT
 from core.models import load, resolve
 
@@ -72,9 +73,14 @@ def load_local_model(spec: str, device: str = "cpu"):
     if not tokenizer.chat_template:
         raise ValueError(f"{spec}: the tokenizer has no chat template, so it cannot chat")
     if isinstance(lm, GPT) and lm.model.norm.weight.device.type == "cpu":
-        # Chat only decodes: float16 weights halve the model's memory and the bytes each token
-        # reads (SmolLM2: ~1.9x tokens/s over fp32; `genai-lab bench --only core`), at a KL of
-        # ~1e-5 nats/token to the fp32 model (tests/test_decode_fast.py).
+        # Chat only decodes, batch 1. Weights read from a 4-bit file (SmolLM2 as shipped) go
+        # back to its own 4-bit codes (~2x the float16 tokens/s); any other weights (the tutor,
+        # the demo bot's merged adapter) become float16, which halves the memory and the bytes
+        # each token reads (SmolLM2: ~1.9x tokens/s over fp32). `genai-lab bench --only core`
+        # measures both; tests/test_decode_fast.py bounds their KL to the fp32 model.
+        packed = Int4GPT(lm) if on_4bit_grid(lm) else None
+        if packed is not None and packed.grid_error < ON_GRID:
+            return packed, tokenizer
         lm.cast_weights(torch.float16)
     return lm, tokenizer
 

@@ -220,11 +220,13 @@ def real_model_decode(
 
     from transformers import AutoModelForCausalLM
 
-    from core.generate import GPTStepper, decode
+    from core.generate import decode, stepper_for
+    from core.int4 import Int4GPT
     from core.models import FOUNDATION_MODEL, load_model, resolve
 
     name = name or FOUNDATION_MODEL
     ours, ours_fp16 = load_model(name), load_model(name).cast_weights(torch.float16)
+    ours_int4 = Int4GPT(load_model(name))
     theirs = AutoModelForCausalLM.from_pretrained(resolve(name).source, dtype=torch.float32)
     theirs = theirs.eval()
     prompt = torch.randint(
@@ -232,9 +234,10 @@ def real_model_decode(
     )
 
     @torch.inference_mode()
-    def ours_generate(model: GPT, fast: bool = True) -> list[int]:
-        model.set_fast_inference(fast)
-        stepper = GPTStepper(model, 1, prompt_len + new_tokens)
+    def ours_generate(model: GPT | Int4GPT, fast: bool = True) -> list[int]:
+        if isinstance(model, GPT):
+            model.set_fast_inference(fast)
+        stepper = stepper_for(model, 1, prompt_len + new_tokens)
         return [int(t) for t, _, _ in decode(stepper, prompt, new_tokens, temperature=0.0)]
 
     # Time to the first token of a long prompt: prefill, then the first token.
@@ -243,8 +246,8 @@ def real_model_decode(
     )
 
     @torch.inference_mode()
-    def ours_first_token(model: GPT) -> list[int]:
-        stepper = GPTStepper(model, 1, prefill_len + 1)
+    def ours_first_token(model: GPT | Int4GPT) -> list[int]:
+        stepper = stepper_for(model, 1, prefill_len + 1)
         return [int(t) for t, _, _ in decode(stepper, long_prompt, 1, temperature=0.0)]
 
     kwargs = greedy_kwargs(new_tokens)
@@ -252,9 +255,11 @@ def real_model_decode(
         "ours_fast": lambda: ours_generate(ours),
         "ours_plain": lambda: ours_generate(ours, fast=False),
         "ours_fp16": lambda: ours_generate(ours_fp16),
+        "ours_int4": lambda: ours_generate(ours_int4),
         "transformers": lambda: theirs.generate(prompt, **kwargs)[0, prompt_len:].tolist(),
         "first_ours": lambda: ours_first_token(ours),
         "first_ours_fp16": lambda: ours_first_token(ours_fp16),
+        "first_ours_int4": lambda: ours_first_token(ours_int4),
         "first_transformers": lambda: theirs.generate(long_prompt, **greedy_kwargs(1))[
             0, prefill_len:
         ].tolist(),
@@ -272,7 +277,11 @@ def real_model_decode(
     ours.set_fast_inference(True)
     first = {key: statistics.median(seconds.pop(key)) for key in list(seconds) if "first" in key}
     tps = {key: new_tokens / statistics.median(s) for key, s in seconds.items()}
-    agree = sum(a == b for a, b in zip(tokens["ours_fp16"], tokens["ours_fast"], strict=True))
+
+    def agree(key: str) -> float:  # greedy tokens equal to the fp32 model's, as a fraction
+        same = sum(a == b for a, b in zip(tokens[key], tokens["ours_fast"], strict=True))
+        return same / new_tokens
+
     return {
         "model": name,
         "new_tokens": new_tokens,
@@ -282,18 +291,22 @@ def real_model_decode(
         "ours_fast_tokens_per_s": tps["ours_fast"],
         "ours_plain_tokens_per_s": tps["ours_plain"],
         "ours_fp16_tokens_per_s": tps["ours_fp16"],
+        "ours_int4_tokens_per_s": tps["ours_int4"],
         "transformers_tokens_per_s": tps["transformers"],
         "speedup": tps["ours_fast"] / tps["transformers"],
         "plain_speedup": tps["ours_plain"] / tps["transformers"],
         "fp16_speedup": tps["ours_fp16"] / tps["transformers"],
+        "int4_speedup": tps["ours_int4"] / tps["transformers"],
         "same_tokens": tokens["ours_fast"] == tokens["ours_plain"],
-        "fp16_same_greedy_tokens": agree / new_tokens,
+        "fp16_same_greedy_tokens": agree("ours_fp16"),
+        "int4_same_greedy_tokens": agree("ours_int4"),
+        "int4_grid_error": ours_int4.grid_error,
         "prefill_tokens": prefill_len,
         "first_token_s": {key.removeprefix("first_"): value for key, value in first.items()},
     }
 
 
-DECODE_MEMORY_VARIANTS = ("ours", "ours_fp16", "transformers")
+DECODE_MEMORY_VARIANTS = ("ours", "ours_fp16", "ours_int4", "transformers")
 
 
 def decode_memory_run(variant: str, name: str, new_tokens: int, prompt_len: int = 32) -> dict:
@@ -309,9 +322,13 @@ def decode_memory_run(variant: str, name: str, new_tokens: int, prompt_len: int 
 
         model = AutoModelForCausalLM.from_pretrained(resolve(name).source, dtype=torch.float32)
     else:
+        from core.int4 import Int4GPT
+
         model = load_model(name)
         if variant == "ours_fp16":
             model.cast_weights(torch.float16)
+        elif variant == "ours_int4":
+            model = Int4GPT(model)  # the fp32 model is dropped here
     import gc
 
     gc.collect()
@@ -421,7 +438,7 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
         )
     if quick:
         real = real_model_decode(new_tokens=4, prompt_len=8, rounds=1, warmup=False, prefill_len=16)
-        memory = decode_memory(new_tokens=4, variants=("ours_fp16", "transformers"))
+        memory = decode_memory(new_tokens=4, variants=("ours_int4", "transformers"))
     else:
         real, memory = real_model_decode(), decode_memory()
     results["smollm2"] = {"decode": real, "decode_memory": memory}
@@ -442,13 +459,24 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
         f"fp32 (goal >= 2x); {100 * real['fp16_same_greedy_tokens']:.0f}% of greedy tokens "
         "the same as fp32"
     )
+    echo(
+        f"  decode, 4-bit weights (5 bits/weight like GGUF Q4_1; SmolLM2's own Q4_1 codes, "
+        f"grid error {real['int4_grid_error']:.3f} step): ours {real['ours_int4_tokens_per_s']:.1f}"
+        f" tok/s -> {real['int4_speedup']:.2f}x transformers fp32; "
+        f"{100 * real['int4_same_greedy_tokens']:.0f}% of greedy tokens the same as fp32"
+    )
     first = real["first_token_s"]
     echo(
         f"  time to first token, {real['prefill_tokens']}-token prompt: ours fp32 "
-        f"{first['ours']:.2f} s, ours float16 weights {first['ours_fp16']:.2f} s, transformers "
-        f"{first['transformers']:.2f} s"
+        f"{first['ours']:.2f} s, ours float16 weights {first['ours_fp16']:.2f} s, ours 4-bit "
+        f"{first['ours_int4']:.2f} s, transformers {first['transformers']:.2f} s"
     )
-    labels = {"ours": "ours fp32", "ours_fp16": "ours float16", "transformers": "transformers"}
+    labels = {
+        "ours": "ours fp32",
+        "ours_fp16": "ours float16",
+        "ours_int4": "ours 4-bit",
+        "transformers": "transformers",
+    }
     echo(
         "  peak resident memory while decoding (fresh process each): "
         + ", ".join(

@@ -8,7 +8,8 @@ no compiler). `make test` never builds it.
 Same weights: the GGUF files are written from the shipped SmolLM2 GGUF (Q4_1) by dequantizing
 its tensors, the same numbers our GPT loads (transformers dequantizes that file with the same
 `gguf` package): F32 and F16 beside our fp32 and float16 weights (same bits per weight), Q8_0,
-and the Q4_1 file itself. Each llama.cpp figure comes from a child process in that environment,
+and the Q4_1 file itself beside our 4-bit weights (`core.int4`: the same codes, 5 bits per
+weight in the layers). Each llama.cpp figure comes from a child process in that environment,
 interleaved round by round with ours; medians.
 """
 
@@ -33,7 +34,9 @@ LLAMA_CPP_PACKAGE = "llama-cpp-python"
 # Formats written from the shipped file; "Q4_1" is the shipped file as it is.
 FORMATS = ("F32", "F16", "Q8_0", "Q4_1")
 # Ours at the same bits per weight as a llama.cpp format.
-SAME_BITS = {"F32": "ours_fp32", "F16": "ours_fp16"}
+# llama.cpp's format -> ours at the same bits per weight in the layers (the Q4_1 file keeps its
+# vocabulary head in Q8_0, 8.5 bits; ours keeps it in float16).
+SAME_BITS = {"F32": "ours_fp32", "F16": "ours_fp16", "Q4_1": "ours_int4"}
 
 
 def environment() -> Path:
@@ -162,7 +165,7 @@ def llama_cpp_round(paths: dict[str, Path], new_tokens: int, prefill_len: int) -
 
 
 def ours_round(models: dict, new_tokens: int, prefill_len: int) -> dict:
-    from core.generate import GPTStepper, decode
+    from core.generate import decode, stepper_for
 
     prompt = torch.tensor([[(7 * i + 11) % 10000 + 100 for i in range(32)]])
     long_prompt = torch.tensor([[(13 * i + 5) % 10000 + 100 for i in range(prefill_len)]])
@@ -170,12 +173,12 @@ def ours_round(models: dict, new_tokens: int, prefill_len: int) -> dict:
     with torch.inference_mode():
         for name, model in models.items():
             start = time.perf_counter()
-            stepper = GPTStepper(model, 1, prompt.shape[1] + new_tokens)
+            stepper = stepper_for(model, 1, prompt.shape[1] + new_tokens)
             for _ in decode(stepper, prompt, new_tokens, temperature=0.0):
                 pass
             seconds = time.perf_counter() - start
             start = time.perf_counter()
-            stepper = GPTStepper(model, 1, prefill_len + 1)
+            stepper = stepper_for(model, 1, prefill_len + 1)
             for _ in decode(stepper, long_prompt, 1, temperature=0.0):
                 pass
             first = time.perf_counter() - start
@@ -187,9 +190,10 @@ def against_llama_cpp(
     quick: bool = False, echo: Callable[[str], None] = print, build: bool = True
 ) -> dict:
     """Decode tokens/s and time to the first token of a 300-token prompt: ours (fp32, float16
-    weights) and llama.cpp (F32, F16, Q8_0, Q4_1), interleaved rounds, medians; {} with a
+    and 4-bit weights) and llama.cpp (F32, F16, Q8_0, Q4_1), interleaved rounds, medians; {} with a
     message when llama.cpp is not there and cannot be built."""
     from core.embedded import EMBEDDED_MODELS, gguf_path
+    from core.int4 import Int4GPT
     from core.models import FOUNDATION_MODEL, load_model
 
     if not has_llama_cpp():
@@ -204,6 +208,7 @@ def against_llama_cpp(
     models = {
         "ours_fp32": load_model(FOUNDATION_MODEL),
         "ours_fp16": load_model(FOUNDATION_MODEL).cast_weights(torch.float16),
+        "ours_int4": Int4GPT(load_model(FOUNDATION_MODEL)),
     }
     ours_round(models, 8, 16)  # warm-up
     load_before = os.getloadavg()[0]

@@ -19,6 +19,7 @@ import torch
 
 from core.chat_format import encode_prompt
 from core.chat_format import stop_ids as default_stop_ids
+from core.int4 import Int4Cache, Int4GPT
 from core.model import GPT
 from core.models import context_length
 from core.sampling import apply_repetition_penalty, probabilities, sample_next_token
@@ -65,6 +66,22 @@ class GPTStepper:
         return self.model(self.ids)[:, -1]
 
 
+class Int4Stepper:
+    """Our GPT with 4-bit weights (`core.int4`): one sequence, always through its cache."""
+
+    def __init__(self, model: Int4GPT, batch_size: int, max_len: int) -> None:
+        if batch_size != 1:
+            raise ValueError("4-bit decoding runs one sequence at a time (batch size 1)")
+        self.model = model
+        self.cache: Int4Cache = model.new_cache(max_len)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.forward(ids[0], self.cache)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.forward(tokens.view(-1), self.cache)
+
+
 class HFStepper:
     """Any transformers causal LM (a PeftModel too), through its `past_key_values`."""
 
@@ -85,6 +102,8 @@ class HFStepper:
 
 
 def model_device(model) -> torch.device:
+    if isinstance(model, Int4GPT):
+        return torch.device("cpu")
     return next(model.parameters()).device
 
 
@@ -95,6 +114,8 @@ def model_context(model) -> int | None:
 def stepper_for(model, batch_size: int, max_len: int, use_cache: bool = True):
     if isinstance(model, GPT):
         return GPTStepper(model, batch_size, max_len, use_cache)
+    if isinstance(model, Int4GPT):  # always cached: without it, the same tokens, only slower
+        return Int4Stepper(model, batch_size, max_len)
     return HFStepper(model)
 
 

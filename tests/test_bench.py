@@ -26,13 +26,14 @@ def test_bench_quick_reports_all_ratios(tmp_path):
         gen, train = data[shape]["generation"], data[shape]["training"]
         assert train["speedup"] > 0 and gen["speedup"] > 0 and data[shape]["mfu"] > 0
         assert gen["new_tokens"] == 110
-    real = data["smollm2"]["decode"]  # the real model's decode: fast, plain, fp16, transformers
+    real = data["smollm2"]["decode"]  # fast, plain, fp16, 4-bit, transformers
     assert real["speedup"] > 0 and real["plain_speedup"] > 0 and real["fp16_speedup"] > 0
+    assert real["int4_speedup"] > 0 and real["int4_grid_error"] < 0.25  # the file's own codes
     assert real["threads"] >= 1 and len(real["load_average"]) == 2 and real["same_tokens"]
-    assert 0 <= real["fp16_same_greedy_tokens"] <= 1
-    assert set(real["first_token_s"]) == {"ours", "ours_fp16", "transformers"}
+    assert 0 <= real["fp16_same_greedy_tokens"] <= 1 and 0 <= real["int4_same_greedy_tokens"] <= 1
+    assert set(real["first_token_s"]) == {"ours", "ours_fp16", "ours_int4", "transformers"}
     memory = data["smollm2"]["decode_memory"]  # each in its own process (--quick: two of three)
-    assert set(memory) == {"ours_fp16", "transformers"}
+    assert set(memory) == {"ours_int4", "transformers"}
     for figures in memory.values():
         assert figures["peak_rss_decoding_bytes"] > 100 * 2**20
     assert "peak resident memory while decoding" in result.stdout

