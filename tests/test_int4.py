@@ -61,7 +61,7 @@ def test_weights_from_gguf_q4_1_get_their_codes_back():
 
 def test_other_weights_are_rounded_to_16_levels_per_group():
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
-    codes, scale, zero, grid_error = quantize_groups(w)
+    codes, scale, _, grid_error = quantize_groups(w)
     assert codes.min() == 0 and codes.max() == 15
     assert 0.4 < grid_error <= 0.55  # half a step, at most, plus the bfloat16 scales
     stored = unpack_int4(pack_int4(w), 96)
@@ -110,9 +110,8 @@ def test_int4_decoding_gives_our_gpts_logits_and_tokens():
     assert (whole[0] - reference[-1]).abs().max() < 0.02 * scale
     assert (chunked[0] - reference[-1]).abs().max() < 0.02 * scale
     assert cache.length == chunked_cache.length == 12
-    with pytest.raises(ValueError, match="KV cache holds 12 positions"):
-        with torch.inference_mode():
-            packed.forward(ids[0, :1], cache)
+    with pytest.raises(ValueError, match="KV cache holds 12 positions"), torch.inference_mode():
+        packed.forward(ids[0, :1], cache)
 
 
 def test_int4_greedy_tokens_follow_the_fp32_model():
