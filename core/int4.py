@@ -22,13 +22,16 @@ Q4_1 at the same bits per weight.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.memory import return_freed_memory
 from core.model import GPT, GPTConfig
 
 GROUP = 32  # weights per scale/offset pair, as in GGUF's Q4_0/Q4_1
@@ -94,7 +97,12 @@ def on_4bit_grid(model: GPT) -> bool:
 
 def int4_matmul(x: Tensor, weight: Int4Weight) -> Tensor:
     """x [M, K] bfloat16 @ weight^T -> [M, N] bfloat16."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight.packed, GROUP, weight.scales_zeros)
+    return _mm4(x, weight.packed, weight.scales_zeros)
+
+
+def _mm4(x: Tensor, codes: Tensor, scales_zeros: Tensor) -> Tensor:
+    # The group size is written out: TorchScript (`layer_stack`) cannot read a global. GROUP.
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, codes, 32, scales_zeros)
 
 
 def unpack_int4(weight: Int4Weight, in_features: int) -> Tensor:
@@ -123,18 +131,17 @@ class Int4Layer:
 
 
 class Int4Cache:
-    """Keys and values of every layer, one row per position: [max_len, 2 KV D] fp32 (k in pairs
-    layout, then v), and the rotary factors for these positions."""
+    """Keys and values of every layer in fp32, laid out for a decoding step's two products:
+    keys transposed [KV, D, max_len] (k in pairs layout), values [KV, max_len, D]; and the
+    rotary factors for these positions. (Both products then read contiguous rows: a cache of
+    one row per position made the step copy the keys, ~6 ms more per token at 600 tokens.)"""
 
     def __init__(self, model: Int4GPT, max_len: int) -> None:
         c = model.config
-        kv_dim = c.num_key_value_heads * c.head_dim
         KV, D = c.num_key_value_heads, c.head_dim
-        self.rows = [torch.zeros(max_len, 2 * kv_dim) for _ in model.layers]
-        # Views of the rows, made once: keys transposed [KV, D, S] and values [KV, S, D].
-        self.keys_t = [r[:, :kv_dim].view(max_len, KV, D).permute(1, 2, 0) for r in self.rows]
-        self.values = [r[:, kv_dim:].view(max_len, KV, D).transpose(0, 1) for r in self.rows]
-        self.max_len, self.length, self.kv_dim = max_len, 0, kv_dim
+        self.keys_t = [torch.zeros(KV, D, max_len) for _ in model.layers]
+        self.values = [torch.zeros(KV, max_len, D) for _ in model.layers]
+        self.max_len, self.length = max_len, 0
         # Per position, one complex factor per (head, pair) of q, k and v: e^(i angle) for k,
         # e^(i angle) / sqrt(D) for q (attention's scale, applied here for free), 1 for v.
         half = c.head_dim // 2
@@ -186,9 +193,25 @@ class Int4GPT:
                 )
             )
         self.final_norm = model.model.norm.weight.detach().float() * gain
+        self.flat_weights = [
+            [
+                layer.attn_norm,
+                layer.qkv.packed,
+                layer.qkv.scales_zeros,
+                layer.o.packed,
+                layer.o.scales_zeros,
+                layer.mlp_norm,
+                layer.gate_up.packed,
+                layer.gate_up.scales_zeros,
+                layer.down.packed,
+                layer.down.scales_zeros,
+            ]
+            for layer in self.layers
+        ]
         self.head = model.lm_head.weight.detach().to(torch.float16)
         embed = model.model.embed_tokens.weight
         self.embed = self.head if embed is model.lm_head.weight else embed.detach().half()
+        return_freed_memory()  # packing's temporaries (SmolLM2: ~300 MB would stay resident)
 
     @property
     def grid_error(self) -> float:
@@ -207,57 +230,97 @@ class Int4GPT:
             )
         return Int4Cache(self, max_len)
 
-    def norm(self, x: Tensor, gain: Tensor) -> Tensor:
-        """RMSNorm: x * g / sqrt(mean(x^2) + eps) = x * (g sqrt(C)) / hypot(|x|, sqrt(C eps)),
-        the same value in four ops instead of seven (x [T, C] fp32)."""
-        scale = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.eps)
-        return (x * gain).div_(scale)
-
     def forward(self, ids: Tensor, cache: Int4Cache) -> Tensor:
         """ids [T] (the tokens after the cached ones) -> the last position's logits [1, V].
         Run it under `torch.inference_mode()` (as `core.generate` does)."""
         c = self.config
         T, start = ids.numel(), cache.length
-        end = start + T
-        if end > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {end}")
-        H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q_dim = H * D
-        turn = cache.rotary[start:end]  # [T, (H + 2 KV) D/2]
+        if start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + T}")
         x = self.embed[ids.view(-1)].float()  # [T, C], the residual stream (fp32)
-        layers = zip(self.layers, cache.rows, cache.keys_t, cache.values, strict=True)
-        for layer, rows, keys_t, values in layers:
-            qkv = int4_matmul(
-                self.norm(x, layer.attn_norm).bfloat16(), layer.qkv
-            ).float()  # [T, q+2kv]
-            torch.view_as_complex(qkv.view(T, -1, 2)).mul_(turn)  # rotary (and q's 1/sqrt(D))
-            rows[start:end] = qkv[:, q_dim:]
-            if T == 1:  # one query per head: two small products, no mask
-                q = qkv[0, :q_dim].view(KV, H // KV, D)  # the query heads each k/v head serves
-                weights = torch.bmm(q, keys_t[:, :, :end]).softmax(-1)  # [KV, H/KV, S]
-                y = torch.bmm(weights, values[:, :end]).view(1, q_dim)
-            else:  # prefill: causal, after whatever was cached
-                q = qkv[:, :q_dim].view(T, H, D).transpose(0, 1)[None]  # [1, H, T, D]
-                mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
-                y = (
-                    F.scaled_dot_product_attention(
-                        q,
-                        keys_t[:, :, :end].transpose(1, 2)[None],
-                        values[:, :end][None],
-                        attn_mask=mask,
-                        scale=1.0,
-                        enable_gqa=H != KV,
-                    )[0]
-                    .transpose(0, 1)
-                    .reshape(T, q_dim)
-                )
-            x.add_(int4_matmul(y.bfloat16(), layer.o))
-            gate_up = int4_matmul(self.norm(x, layer.mlp_norm).bfloat16(), layer.gate_up)  # [T, 2I]
-            inner = gate_up.shape[1] // 2
-            x.add_(int4_matmul(F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:]), layer.down))
-        cache.length = end
-        last = self.norm(x[-1:], self.final_norm).half()
+        x = layer_stack()(
+            x,
+            cache.rotary[start : start + T],
+            cache.keys_t,
+            cache.values,
+            start,
+            self.eps,
+            self.flat_weights,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+        cache.length = start + T
+        last = rms_norm(x[-1:], self.final_norm, self.eps).half()
         return F.linear(last, self.head).float()  # [1, V]
+
+
+def rms_norm(x: Tensor, gain: Tensor, eps: Tensor) -> Tensor:
+    """RMSNorm: x * g / sqrt(mean(x^2) + eps) = x * (g sqrt(C)) / hypot(|x|, sqrt(C eps)),
+    the same value in four ops instead of seven (x [T, C] fp32; gain and eps as Int4GPT keeps
+    them)."""
+    return (x * gain).div_(torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps))
+
+
+def run_layers(
+    x: Tensor,
+    turn: Tensor,
+    keys_t: list[Tensor],
+    values: list[Tensor],
+    start: int,
+    eps: Tensor,
+    weights: list[list[Tensor]],
+    H: int,
+    KV: int,
+    D: int,
+) -> Tensor:
+    """Every block on the residual stream x [T, C] (positions start..start+T-1), writing their
+    keys and values into the cache (`Int4Cache`). `weights`: per layer, `Int4Layer`'s tensors in order
+    (attn_norm, qkv codes, qkv scales, o codes, o scales, mlp_norm, gate_up codes, gate_up
+    scales, down codes, down scales). Plain tensors and ints only: TorchScript compiles it
+    (`layer_stack`), which takes the Python interpreter out of the ~40 small ops per layer."""
+    T, end, q_dim = x.shape[0], start + x.shape[0], H * D
+    for i in range(len(weights)):
+        w = weights[i]
+        h = rms_norm(x, w[0], eps).to(torch.bfloat16)
+        qkv = _mm4(h, w[1], w[2]).float()  # [T, q + 2 kv]
+        torch.view_as_complex(qkv.view(T, -1, 2)).mul_(turn)  # rotary (and q's 1/sqrt(D))
+        keys_t[i][:, :, start:end] = qkv[:, q_dim : q_dim + KV * D].view(T, KV, D).permute(1, 2, 0)
+        values[i][:, start:end] = qkv[:, q_dim + KV * D :].view(T, KV, D).transpose(0, 1)
+        if T == 1:  # one query per head: two small products, no mask
+            q = qkv[0, :q_dim].view(KV, H // KV, D)  # the query heads each k/v head serves
+            attention = torch.bmm(q, keys_t[i][:, :, :end]).softmax(-1)  # [KV, H/KV, S]
+            y = torch.bmm(attention, values[i][:, :end]).view(1, q_dim)
+        else:  # prefill: causal, after whatever was cached
+            q = qkv[:, :q_dim].view(T, H, D).transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+            mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(
+                q,
+                keys_t[i][:, :, :end].transpose(1, 2).unsqueeze(0),
+                values[i][:, :end].unsqueeze(0),
+                attn_mask=mask,
+                scale=1.0,
+                enable_gqa=H != KV,
+            )
+            y = y[0].transpose(0, 1).reshape(T, q_dim)
+        x.add_(_mm4(y.to(torch.bfloat16), w[3], w[4]))
+        gate_up = _mm4(rms_norm(x, w[5], eps).to(torch.bfloat16), w[6], w[7])  # [T, 2I]
+        inner = gate_up.shape[1] // 2
+        x.add_(_mm4(F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:]), w[8], w[9]))
+    return x
+
+
+@functools.cache
+def layer_stack():
+    """`run_layers` compiled by TorchScript (~12% faster decoding than run as Python: one-off
+    timing, 7.8 vs 8.8 ms per SmolLM2 token), compiled once per process on first use; the
+    Python function itself where TorchScript is not available."""
+    try:
+        with warnings.catch_warnings():  # deprecated in favour of torch.compile, which is slower
+            warnings.simplefilter("ignore")  # here (the int4 kernel's dispatch) and takes minutes
+            return torch.jit.script(run_layers)
+    except Exception:  # any scripting failure leaves the same function, slower
+        return run_layers
 
 
 def unsupported(model: GPT) -> str | None:

@@ -27,7 +27,7 @@ def bench_command(
         list[str] | None,
         typer.Option(
             help="Also decode SmolLM2 with llama.cpp ('llama.cpp'): F32, F16, Q8_0 and Q4_1 "
-            "files beside our fp32 and float16 weights. Builds llama-cpp-python into its own "
+            "files beside our fp32, float16 and 4-bit weights. Builds llama-cpp-python into its own "
             "environment under the cache folder on first use (minutes); skipped with a "
             "message when that fails."
         ),
