@@ -12,12 +12,13 @@ rounding of each group's scale and offset to bfloat16 (the kernel's dtype). Othe
 (trained here, merged with an adapter) are rounded to 16 levels per group, a real loss:
 `Int4Weight.grid_error` says which case a weight is in, and chat packs only the first.
 
-The decoding step is written for speed at batch 1, where a token's ~30 small operations per
+The decoding step is written for speed at batch 1, where a token's ~40 small operations per
 layer cost as much as its matrix products: q/k/v and gate/up are one product each, rotary
 position embeddings are one complex multiply (q/k rows are reordered into pairs at packing,
-which leaves every q.k dot product unchanged), RMSNorm is a vector norm (one op instead of
-several), and no nn.Module is called per layer. `genai-lab bench` compares it with llama.cpp's
-Q4_1 at the same bits per weight.
+which leaves every q.k dot product unchanged), RMSNorm is four ops around a vector norm, the KV
+cache is laid out for the step's products, and the layer stack runs under TorchScript, without
+the Python interpreter or nn.Module calls. `genai-lab bench` compares it with llama.cpp's Q4_1
+at the same bits per weight.
 """
 
 from __future__ import annotations
@@ -46,10 +47,6 @@ class Int4Weight:
     packed: Tensor  # [N, K/2] uint8, the layout `_convert_weight_to_int4pack_for_cpu` makes
     scales_zeros: Tensor  # [K/GROUP, N, 2] bfloat16: w = (code - 8) * scale + zero
     grid_error: float  # largest |w - stored w| over all weights, in units of its group's step
-
-    @property
-    def out_features(self) -> int:
-        return self.packed.shape[0]
 
 
 def quantize_groups(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
@@ -106,8 +103,8 @@ def _mm4(x: Tensor, codes: Tensor, scales_zeros: Tensor) -> Tensor:
 
 
 def unpack_int4(weight: Int4Weight, in_features: int) -> Tensor:
-    """The stored values as a dense [N, K] fp32 matrix (for checks: the kernel multiplies the
-    identity, so this is what every product really uses)."""
+    """The stored values as a dense [N, K] fp32 matrix, rounded to bfloat16 (for checks: the
+    kernel multiplies the identity, so this is what every product really uses)."""
     eye = torch.eye(in_features, dtype=torch.bfloat16)
     return int4_matmul(eye, weight).float().t().contiguous()
 
@@ -122,7 +119,7 @@ def pairs_layout(weight: Tensor, heads: int, head_dim: int) -> Tensor:
 
 @dataclass
 class Int4Layer:
-    attn_norm: Tensor  # [C] fp32, RMSNorm's gain times sqrt(C) (see `Int4GPT.norm`)
+    attn_norm: Tensor  # [C] fp32, RMSNorm's gain times sqrt(C) (see `rms_norm`)
     qkv: Int4Weight  # [(H + 2 KV) D, C]: q and k in pairs layout, then v
     o: Int4Weight
     mlp_norm: Tensor

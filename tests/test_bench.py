@@ -32,8 +32,8 @@ def test_bench_quick_reports_all_ratios(tmp_path):
     assert real["threads"] >= 1 and len(real["load_average"]) == 2 and real["same_tokens"]
     assert 0 <= real["fp16_same_greedy_tokens"] <= 1 and 0 <= real["int4_same_greedy_tokens"] <= 1
     assert set(real["first_token_s"]) == {"ours", "ours_fp16", "ours_int4", "transformers"}
-    memory = data["smollm2"]["decode_memory"]  # each in its own process (--quick: two of three)
-    assert set(memory) == {"ours_int4", "transformers"}
+    memory = data["smollm2"]["decode_memory"]  # each in its own process (--quick: one of four)
+    assert set(memory) == {"ours_int4"}
     for figures in memory.values():
         assert figures["peak_rss_decoding_bytes"] > 100 * 2**20
     assert "peak resident memory while decoding" in result.stdout
