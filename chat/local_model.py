@@ -76,7 +76,7 @@ def load_local_model(spec: str, device: str = "cpu"):
         # Chat only decodes, batch 1. Weights read from a 4-bit file (SmolLM2 as shipped) go
         # back to its own 4-bit codes (~2x the float16 tokens/s); any other weights (the tutor,
         # the demo bot's merged adapter) become float16, which halves the memory and the bytes
-        # each token reads (SmolLM2: ~1.9x tokens/s over fp32). `genai-lab bench --only core`
+        # each token reads (SmolLM2: ~2x tokens/s over fp32). `genai-lab bench --only core`
         # measures both; tests/test_decode_fast.py bounds their KL to the fp32 model.
         packed = Int4GPT(lm) if on_4bit_grid(lm) else None
         if packed is not None and packed.grid_error < ON_GRID:

@@ -210,12 +210,13 @@ def real_model_decode(
 ) -> dict:
     """Batch-1 greedy decoding of a real model (SmolLM2-135M-Instruct): our GPT through core's
     one decoding loop, fp32 with inference's fast path (`GPT.set_fast_inference`) on and off,
-    and with float16 weights (`GPT.cast_weights`, what chat runs), against transformers'
-    `generate` in fp32 on the same weights. All four run interleaved, round after round, and
-    each figure is the median over the rounds (the load average is reported with it: on a
-    shared machine a neighbour's burst slows whichever run it lands on). Interleaved with them:
-    the time to the first token of a `prefill_len`-token prompt, ours (fp32, float16 weights)
-    and transformers'."""
+    with float16 weights (`GPT.cast_weights`, what the demo bot runs) and with 4-bit weights
+    (`core.int4.Int4GPT`, what chat runs for SmolLM2 itself), against transformers' `generate`
+    in fp32 on the same weights. All five run interleaved, round after round, and each figure is
+    the median over the rounds (the load average is reported with it: on a shared machine a
+    neighbour's burst slows whichever run it lands on). Interleaved with them: the time to the
+    first token of a `prefill_len`-token prompt, ours (fp32, float16 and 4-bit weights) and
+    transformers'."""
     import os
 
     from transformers import AutoModelForCausalLM
@@ -454,7 +455,7 @@ def run_benchmarks(quick: bool = False, echo: Callable[[str], None] = print) -> 
         f"(plain {real['plain_speedup']:.2f}x)"
     )
     echo(
-        f"  decode, float16 weights (what chat runs; lossy, KL bounded in tests): ours "
+        f"  decode, float16 weights (what the demo bot runs; lossy, KL bounded in tests): ours "
         f"{real['ours_fp16_tokens_per_s']:.1f} tok/s -> {real['fp16_speedup']:.2f}x transformers "
         f"fp32 (goal >= 2x); {100 * real['fp16_same_greedy_tokens']:.0f}% of greedy tokens "
         "the same as fp32"

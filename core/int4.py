@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.memory import return_freed_memory
-from core.model import GPT, GPTConfig
+from core.model import GPT, GPTConfig, rotary_tables
 
 GROUP = 32  # weights per scale/offset pair, as in GGUF's Q4_0/Q4_1
 # A weight is "on a 4-bit grid" (repacking loses only the bfloat16 rounding of its scales, ~0.05
@@ -98,7 +98,7 @@ def int4_matmul(x: Tensor, weight: Int4Weight) -> Tensor:
 
 
 def _mm4(x: Tensor, codes: Tensor, scales_zeros: Tensor) -> Tensor:
-    # The group size is written out: TorchScript (`layer_stack`) cannot read a global. GROUP.
+    # 32 is GROUP, written out: TorchScript (`layer_stack`) cannot read a module-level int.
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, codes, 32, scales_zeros)
 
 
@@ -117,16 +117,6 @@ def pairs_layout(weight: Tensor, heads: int, head_dim: int) -> Tensor:
     return rows.reshape(heads * head_dim, -1)
 
 
-@dataclass
-class Int4Layer:
-    attn_norm: Tensor  # [C] fp32, RMSNorm's gain times sqrt(C) (see `rms_norm`)
-    qkv: Int4Weight  # [(H + 2 KV) D, C]: q and k in pairs layout, then v
-    o: Int4Weight
-    mlp_norm: Tensor
-    gate_up: Int4Weight  # [2 I, C]
-    down: Int4Weight
-
-
 class Int4Cache:
     """Keys and values of every layer in fp32, laid out for a decoding step's two products:
     keys transposed [KV, D, max_len] (k in pairs layout), values [KV, max_len, D]; and the
@@ -136,15 +126,14 @@ class Int4Cache:
     def __init__(self, model: Int4GPT, max_len: int) -> None:
         c = model.config
         KV, D = c.num_key_value_heads, c.head_dim
-        self.keys_t = [torch.zeros(KV, D, max_len) for _ in model.layers]
-        self.values = [torch.zeros(KV, max_len, D) for _ in model.layers]
+        self.keys_t = [torch.zeros(KV, D, max_len) for _ in model.weights]
+        self.values = [torch.zeros(KV, max_len, D) for _ in model.weights]
         self.max_len, self.length = max_len, 0
         # Per position, one complex factor per (head, pair) of q, k and v: e^(i angle) for k,
         # e^(i angle) / sqrt(D) for q (attention's scale, applied here for free), 1 for v.
         half = c.head_dim // 2
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, half, dtype=torch.float32) / half))
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [S, D/2]
-        turn = torch.polar(torch.ones_like(angles), angles)
+        cos, sin = rotary_tables(c.head_dim, max_len, c.rope_theta)  # [S, D]: pair i's angle at i
+        turn = torch.complex(cos[:, :half], sin[:, :half])  # [S, D/2]
         self.rotary = torch.cat(
             [
                 turn.repeat(1, c.num_attention_heads) / math.sqrt(c.head_dim),
@@ -169,55 +158,44 @@ class Int4GPT:
         self.eps = torch.tensor(math.sqrt(c.hidden_size * c.rms_norm_eps))
         gain = math.sqrt(c.hidden_size)
         H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.layers: list[Int4Layer] = []
+        # Per layer, in `run_layers`' order (plain tensors: TorchScript reads them).
+        self.weights: list[list[Tensor]] = []
+        self.grid_error = 0.0  # the largest of the layers' (< ON_GRID: nothing was rounded)
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
-            qkv = torch.cat(
-                [
-                    pairs_layout(attn.q_proj.weight, H, D),
-                    pairs_layout(attn.k_proj.weight, KV, D),
-                    attn.v_proj.weight,
-                ]
-            )
-            self.layers.append(
-                Int4Layer(
-                    attn_norm=block.input_layernorm.weight.detach().float() * gain,
-                    qkv=pack_int4(qkv),
-                    o=pack_int4(attn.o_proj.weight),
-                    mlp_norm=block.post_attention_layernorm.weight.detach().float() * gain,
-                    gate_up=pack_int4(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    down=pack_int4(mlp.down_proj.weight),
+            qkv = pack_int4(
+                torch.cat(
+                    [
+                        pairs_layout(attn.q_proj.weight, H, D),
+                        pairs_layout(attn.k_proj.weight, KV, D),
+                        attn.v_proj.weight,
+                    ]
                 )
             )
+            o = pack_int4(attn.o_proj.weight)
+            gate_up = pack_int4(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            down = pack_int4(mlp.down_proj.weight)
+            self.weights.append(
+                [
+                    block.input_layernorm.weight.detach().float() * gain,  # see `rms_norm`
+                    qkv.packed,
+                    qkv.scales_zeros,
+                    o.packed,
+                    o.scales_zeros,
+                    block.post_attention_layernorm.weight.detach().float() * gain,
+                    gate_up.packed,
+                    gate_up.scales_zeros,
+                    down.packed,
+                    down.scales_zeros,
+                ]
+            )
+            errors = (w.grid_error for w in (qkv, o, gate_up, down))
+            self.grid_error = max(self.grid_error, *errors)
         self.final_norm = model.model.norm.weight.detach().float() * gain
-        self.flat_weights = [
-            [
-                layer.attn_norm,
-                layer.qkv.packed,
-                layer.qkv.scales_zeros,
-                layer.o.packed,
-                layer.o.scales_zeros,
-                layer.mlp_norm,
-                layer.gate_up.packed,
-                layer.gate_up.scales_zeros,
-                layer.down.packed,
-                layer.down.scales_zeros,
-            ]
-            for layer in self.layers
-        ]
         self.head = model.lm_head.weight.detach().to(torch.float16)
         embed = model.model.embed_tokens.weight
         self.embed = self.head if embed is model.lm_head.weight else embed.detach().half()
         return_freed_memory()  # packing's temporaries (SmolLM2: ~300 MB would stay resident)
-
-    @property
-    def grid_error(self) -> float:
-        """The largest `Int4Weight.grid_error` of the model (< ON_GRID: nothing was rounded)."""
-        return max(
-            w.grid_error
-            for layer in self.layers
-            for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
-        )
 
     def new_cache(self, max_len: int) -> Int4Cache:
         if max_len > self.config.max_position_embeddings:
@@ -242,7 +220,7 @@ class Int4GPT:
             cache.values,
             start,
             self.eps,
-            self.flat_weights,
+            self.weights,
             c.num_attention_heads,
             c.num_key_value_heads,
             c.head_dim,
@@ -254,8 +232,8 @@ class Int4GPT:
 
 def rms_norm(x: Tensor, gain: Tensor, eps: Tensor) -> Tensor:
     """RMSNorm: x * g / sqrt(mean(x^2) + eps) = x * (g sqrt(C)) / hypot(|x|, sqrt(C eps)),
-    the same value in four ops instead of seven (x [T, C] fp32; gain and eps as Int4GPT keeps
-    them)."""
+    the same value in four ops (norm, hypot, multiply, divide) instead of seven (x [T, C] fp32;
+    gain and eps as Int4GPT keeps them)."""
     return (x * gain).div_(torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps))
 
 
@@ -272,10 +250,11 @@ def run_layers(
     D: int,
 ) -> Tensor:
     """Every block on the residual stream x [T, C] (positions start..start+T-1), writing their
-    keys and values into the cache (`Int4Cache`). `weights`: per layer, `Int4Layer`'s tensors in order
-    (attn_norm, qkv codes, qkv scales, o codes, o scales, mlp_norm, gate_up codes, gate_up
-    scales, down codes, down scales). Plain tensors and ints only: TorchScript compiles it
-    (`layer_stack`), which takes the Python interpreter out of the ~40 small ops per layer."""
+    keys and values into the cache (`Int4Cache`). `weights`: per layer, as `Int4GPT` keeps them:
+    attention's norm gain, q/k/v codes and scales ([(H + 2 KV) D, C]: q and k in pairs layout,
+    then v), o codes and scales, the MLP's norm gain, gate/up codes and scales ([2 I, C]), down
+    codes and scales. Plain tensors and ints only: TorchScript compiles it (`layer_stack`),
+    which takes the Python interpreter out of the ~40 small ops per layer."""
     T, end, q_dim = x.shape[0], start + x.shape[0], H * D
     for i in range(len(weights)):
         w = weights[i]
@@ -329,9 +308,16 @@ def unsupported(model: GPT) -> str | None:
         return "it runs on a CPU only"
     if c.attention_bias or c.mlp_bias:
         return "layers with biases are not supported"
-    for name, size in (("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size)):
+    widths = {
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads x head_dim": c.num_attention_heads * c.head_dim,  # o_proj's rows
+    }
+    for name, size in widths.items():
         if size % GROUP:
             return f"{name} {size} is not a multiple of {GROUP}"
+    if c.head_dim % 2:
+        return f"head_dim {c.head_dim} is odd (rotary embeddings rotate pairs)"
     if (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim % 16:
         return "the q/k/v projections' outputs are not a multiple of 16"
     return None

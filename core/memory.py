@@ -42,12 +42,14 @@ def reset_peak_rss() -> bool:
 def return_freed_memory() -> bool:
     """Hand memory this process has freed back to the system (glibc's `malloc_trim`). Many
     medium-sized temporaries (packing a model's weights makes ~400 MB of them) stay resident
-    after they are freed, because glibc keeps them for reuse. False where there is no glibc."""
+    after they are freed, because glibc keeps them for reuse. True when it was asked (whether
+    or not anything was left to give back), False where there is no glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.malloc_trim(0))
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         return False
+    return True
 
 
 def _status_kib(field: str) -> int | None:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from core.int4 import ON_GRID
+
 
 def test_bench_quick_reports_all_ratios(tmp_path):
     out = tmp_path / "bench.json"
@@ -28,7 +30,7 @@ def test_bench_quick_reports_all_ratios(tmp_path):
         assert gen["new_tokens"] == 110
     real = data["smollm2"]["decode"]  # fast, plain, fp16, 4-bit, transformers
     assert real["speedup"] > 0 and real["plain_speedup"] > 0 and real["fp16_speedup"] > 0
-    assert real["int4_speedup"] > 0 and real["int4_grid_error"] < 0.25  # the file's own codes
+    assert real["int4_speedup"] > 0 and real["int4_grid_error"] < ON_GRID  # the file's own codes
     assert real["threads"] >= 1 and len(real["load_average"]) == 2 and real["same_tokens"]
     assert 0 <= real["fp16_same_greedy_tokens"] <= 1 and 0 <= real["int4_same_greedy_tokens"] <= 1
     assert set(real["first_token_s"]) == {"ours", "ours_fp16", "ours_int4", "transformers"}

@@ -89,8 +89,16 @@ def tiny_gpt(seed: int = 0, on_grid: bool = True, **overrides) -> GPT:
     return model
 
 
-def test_int4_decoding_gives_our_gpts_logits_and_tokens():
-    model = tiny_gpt()
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},  # GQA, tied head
+        {"tie_word_embeddings": False, "num_key_value_heads": 4},  # MHA, a head of its own
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "rope_theta": 500.0},
+    ],
+)
+def test_int4_decoding_gives_our_gpts_logits_and_tokens(shape):
+    model = tiny_gpt(**shape)
     packed = Int4GPT(model)
     assert packed.grid_error < ON_GRID and on_4bit_grid(model)
     ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
@@ -135,6 +143,10 @@ def test_int4_greedy_tokens_follow_the_fp32_model():
 def test_what_cannot_be_packed_says_why():
     assert "biases" in unsupported(tiny_gpt(attention_bias=True))
     assert "intermediate_size 100" in unsupported(tiny_gpt(on_grid=False, intermediate_size=100))
+    # o_proj reads H x D = 80 inputs: not whole groups of 32
+    assert "head_dim 80" in unsupported(
+        tiny_gpt(on_grid=False, num_attention_heads=5, num_key_value_heads=1)
+    )
     with pytest.raises(ValueError, match="multiple of 16 rows"):
         pack_int4(torch.randn(40, 64))
     with pytest.raises(ValueError, match="4-bit decoding: layers with biases"):
@@ -148,16 +160,24 @@ def test_what_cannot_be_packed_says_why():
 
 def test_chat_packs_a_4bit_file_and_casts_other_weights(monkeypatch):
     """load_local_model: the tutor (trained here) gets float16 weights, a model whose weights
-    sit on a 4-bit grid gets Int4GPT."""
+    sit on a 4-bit grid gets Int4GPT, and one that is on it only in its first layer (what chat
+    looks at before packing) float16 again."""
     import chat.local_model as local_model
 
-    assert isinstance(local_model.load_local_model("tutor-base")[0], GPT)
-    on_grid = tiny_gpt()
-    monkeypatch.setattr(local_model, "load", lambda *a, **k: (on_grid, _Tokenizer()))
+    tutor = local_model.load_local_model("tutor-base")[0]
+    assert isinstance(tutor, GPT) and tutor.lm_head.weight.dtype == torch.float16
+    partly = tiny_gpt()
+    with torch.no_grad():
+        partly.model.layers[1].mlp.up_proj.weight.normal_(0, 0.1)  # off the grid
+    models = {"on-grid": tiny_gpt(), "partly": partly}
+    monkeypatch.setattr(local_model, "load", lambda spec, **k: (models[spec], _Tokenizer()))
     monkeypatch.setattr(local_model, "resolve", lambda spec: spec)
     local_model.load_local_model.cache_clear()
     try:
         assert isinstance(local_model.load_local_model("on-grid")[0], Int4GPT)
+        assert on_4bit_grid(partly)  # the first layer passes ...
+        chosen = local_model.load_local_model("partly")[0]  # ... the whole model does not
+        assert isinstance(chosen, GPT) and chosen.lm_head.weight.dtype == torch.float16
     finally:
         local_model.load_local_model.cache_clear()
 

@@ -17,4 +17,4 @@ def test_freed_memory_is_given_back():
     assert return_freed_memory()
     # ~320 MB were freed; glibc kept them resident until asked
     assert before - rss_bytes() > 200 * 2**20
-    assert len(kept) == 400
+    del kept  # (held until here, so the freed blocks sat between live ones)
