@@ -316,8 +316,8 @@ def _answer(session, text: str):
         signal.signal(signal.SIGINT, previous)
         if shown:
             sys.stdout.write("\n")
-    if not shown:
-        typer.echo(label.rstrip())  # an empty answer still gets its line
+    if not shown:  # an answer not streamed (the bot declining) is printed whole; an empty
+        typer.echo(f"{label}{result.answer.strip()}".rstrip())  # one still gets its line
     if result.interrupted:
         typer.echo("[stopped]")
     return result

@@ -205,6 +205,18 @@ def test_a_lora_adapter_chats_through_the_cli(tmp_path, lora_adapter):
     assert history.stdout.splitlines()[1] == f"assistant: {expected}"
 
 
+def test_once_prints_the_bots_refusal(tmp_path):
+    """With --abstain, a question no concept note is near gets the bot's fixed refusal instead
+    of the model's answer: --once prints it (it is not streamed token by token) and saves it."""
+    db = str(tmp_path / "chat.sqlite")
+    args = ["--db", db, "--model", "tutor-base", "--abstain"]
+    result = chat_in_process(*args, "--once", "Name three primary colors.")
+    assert result.exit_code == 0, result.output
+    saved = ChatStore(db).messages("default")[-1].text
+    assert "can't answer" in saved
+    assert result.stdout.strip() == f"tutor-base> {saved}"
+
+
 def test_cli_bad_input_is_one_line_and_exit_1(tmp_path):
     db = str(tmp_path / "a.sqlite")
     assert_one_line_error(chat_in_process("--db", db, "--model", "tutr"), "unknown model 'tutr'")
