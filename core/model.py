@@ -13,8 +13,9 @@ one fused op and decoding's one-row products split across the CPU threads (`run_
 fp32 matrix-vector product uses one core; slices of each weight's rows, views with nothing
 copied, read it with all of them). Training and `no_grad` code take the plain path, op for op;
 `GPT.set_fast_inference(False)` gives inference the plain path too. `GPT.cast_weights` stores
-the weights in float16 for inference (chat does): half the memory and bytes per token, lossy
-within bounds tested in tests/test_decode_fast.py. `genai-lab bench` measures both.
+the weights in float16 for inference (chat does, unless they sit on a 4-bit grid: core/int4.py):
+half the memory and bytes per token, lossy within bounds tested in tests/test_decode_fast.py.
+`genai-lab bench` measures both.
 
 Shapes in comments: B = batch, T = new tokens this call, S = all positions attended to (cache + T),
 H = query heads, KV = key/value heads, D = head dim, C = hidden size, V = vocab.
