@@ -1,8 +1,8 @@
 """genai-lab chat: every model the project has as a LangChain chat model, a conversational chain
 with SQLite-backed memory and concept retrieval, and the `genai-lab chat` command.
 
-    from chat.models import load_chat_model      # "tutor", "PATH", "PATH+ADAPTER", "openai:gpt-4o"
-    from chat.memory import ChatStore            # conversations in SQLite, one thread id each
+    from chat.providers import load_chat_model      # "tutor", "PATH", "PATH+ADAPTER", "openai:gpt-4o"
+    from chat.conversations import ChatStore            # conversations in SQLite, one thread id each
     from chat.session import ChatSession         # ask / stream one thread with one model
     from chat.retrieval import ConceptRetriever  # MiniLM over core.content.concepts, cites dashboard pages
 

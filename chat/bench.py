@@ -15,16 +15,16 @@ from collections.abc import Callable
 from langchain_core.messages import HumanMessage
 
 from chat.chain import DEFAULT_SYSTEM_PROMPT, answer_budget, build_chain
+from chat.conversations import ChatStore
 from chat.local_model import ChatLocalModel, generation_config, prompt_ids
-from chat.memory import ChatStore
-from chat.models import Sampling, load_chat_model
+from chat.providers import Sampling, load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession
-from core.chat_format import stop_ids
 from core.content.tutor_data import contains_key_term
-from core.data import bundled_rows
-from core.generate import stream_tokens
-from core.models import BOT_ADAPTER, BOT_MODEL, is_adapter_folder
+from core.lm.chat_format import stop_ids
+from core.lm.generate import stream_tokens
+from core.lm.loader import BOT_ADAPTER, BOT_MODEL, is_adapter_folder
+from core.train.data import bundled_rows
 
 
 def held_out_questions(quick: bool) -> list[tuple[str, str]]:

@@ -35,8 +35,8 @@ from chat.retrieval import RELEVANCE_THRESHOLD, ConceptRetriever
 from core.atomic import write_text_atomic
 from core.content.concepts import CONCEPTS_BY_ID
 from core.content.tutor_data import contains_key_term
-from core.data import DATA_DIR
-from core.models import BOT_MODEL
+from core.lm.loader import BOT_MODEL
+from core.train.data import DATA_DIR
 
 # Below this cosine similarity to its nearest note a question gets no notes, and the bot abstains
 # without asking the model (chat.retrieval.RELEVANCE_THRESHOLD, measured on the training
@@ -147,7 +147,7 @@ def ship_adapter(run: str | Path) -> Path:
     import shutil
 
     from core.atomic import atomic_directory
-    from core.models import BOT_ADAPTER
+    from core.lm.loader import BOT_ADAPTER
 
     run = Path(run)
     adapter = run / "adapter"
@@ -235,8 +235,8 @@ def evaluate_setup(
     threshold, the chain, LangGraph memory in a throwaway SQLite file), scored per row."""
     import tempfile
 
-    from chat.memory import ChatStore
-    from chat.models import Sampling, load_chat_model
+    from chat.conversations import ChatStore
+    from chat.providers import Sampling, load_chat_model
     from chat.session import ChatSession
 
     backend = load_chat_model(setup.model, Sampling(temperature=0, max_tokens=max_tokens))

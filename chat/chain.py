@@ -35,7 +35,7 @@ def default_system_prompt(spec: str) -> str:
 NOTES_HEADER = "Notes:"
 # Where retrieved notes go: "prompt" (the model reads them), "cite" (only cited under the answer)
 # or "auto": the prompt for models that read at least NOTES_MIN_CONTEXT tokens. Measured with
-# chat/bench.py on a tutor fine-tuned with core/stages/sft.py's defaults: the 128-token model, never
+# chat/bench.py on a tutor fine-tuned with core/train/stages/sft.py's defaults: the 128-token model, never
 # trained with notes, gets the key term of held-out questions right 97% of the time without them
 # and 79% with them, so for it they are cited only.
 # The bot's refusal. An answer counts as an abstention when it contains ABSTAIN_MARKER (the

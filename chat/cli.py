@@ -191,8 +191,8 @@ def chat_command(
     # Deferred: LangChain, LangGraph and torch take seconds to import, and every `genai-lab`
     # subcommand (and --help) registers this module at start-up.
     from chat.chain import default_system_prompt, notes_in_prompt
-    from chat.memory import ChatStore, default_db_path
-    from chat.models import Sampling, default_chat_model
+    from chat.conversations import ChatStore, default_db_path
+    from chat.providers import Sampling, default_chat_model
     from chat.session import ChatSession
 
     notes_in_prompt(grounding, 0)  # an unknown mode fails before anything loads
@@ -332,7 +332,7 @@ def _sources(sources: list[dict]) -> str:
 
 
 def _load(spec: str, sampling):
-    from chat.models import load_chat_model
+    from chat.providers import load_chat_model
 
     return load_chat_model(spec, sampling)
 

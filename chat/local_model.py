@@ -1,12 +1,12 @@
 """`ChatLocalModel`: a LangChain chat model over any local model: our from-scratch GPT (the tutor,
 any Llama folder) or a transformers model with or without a LoRA adapter.
 
-One path for all of them: messages are rendered by core.chat_format (the tokenizer's chat
-template), generated token by token by core.generate (the one decoding loop, with a per-answer
+One path for all of them: messages are rendered by core.lm.chat_format (the tokenizer's chat
+template), generated token by token by core.lm.generate (the one decoding loop, with a per-answer
 seed) and streamed as `AIMessageChunk`s. An answer is at most `max_tokens` long, DEFAULT_MAX_TOKENS
 when none is asked for: a model that never ends its turn stops there, not at the context's end. Each chunk can carry the model's top alternatives for its
 tokens (the dashboard's "why this token" view), and the last chunk carries `usage_metadata`.
-Models are loaded by core.models.load (a QLoRA adapter on the 4-bit base it was trained on).
+Models are loaded by core.lm.loader.load (a QLoRA adapter on the 4-bit base it was trained on).
 Closing the stream stops the model: no token is computed after the reader stops.
 """
 
@@ -32,11 +32,11 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import Field
 
-from core.chat_format import encode_prompt, stop_ids
-from core.generate import model_context, stream_steps, stream_text
-from core.int4 import ON_GRID, Int4GPT, on_4bit_grid
-from core.model import GPT
-from core.models import load, resolve
+from core.lm.chat_format import encode_prompt, stop_ids
+from core.lm.engines.int4 import ON_GRID, Int4GPT, on_4bit_grid
+from core.lm.generate import model_context, stream_steps, stream_text
+from core.lm.loader import load, resolve
+from core.lm.model import GPT
 
 # Per-call overrides accepted by invoke/stream (e.g. `model.invoke(msgs, temperature=0)`).
 _CALL_OPTIONS = (
@@ -57,7 +57,7 @@ DEFAULT_MAX_TOKENS = 512
 
 def check_repetition_penalty(value: float | None) -> None:
     """A penalty must be a finite number > 0 (1.0: none); core's one decoding loop applies it
-    (core.sampling.apply_repetition_penalty), checked up front so a bad value fails before a
+    (core.lm.sampling.apply_repetition_penalty), checked up front so a bad value fails before a
     model loads."""
     if value is None or value == 1.0:
         return

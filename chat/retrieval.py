@@ -11,15 +11,15 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from core.data import DATA_DIR
+from core.train.data import DATA_DIR
 
 
 class MiniLMEmbeddings(Embeddings):
-    """LangChain embeddings over `core.embeddings` (the bundled all-MiniLM-L6-v2, loaded once per
+    """LangChain embeddings over `chat.embeddings` (the bundled all-MiniLM-L6-v2, loaded once per
     process and shared with the dashboard). Vectors are unit length, so cosine = dot product."""
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        from core.embeddings import embed
+        from chat.embeddings import embed
 
         return embed(texts).tolist() if texts else []
 

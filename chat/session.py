@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 from langchain_core.messages import AIMessageChunk, AnyMessage
 
 from chat.chain import DEFAULT_SYSTEM_PROMPT, notes_in_prompt
-from chat.memory import ChatStore, TurnContext, store_error, thread_config
+from chat.conversations import ChatStore, TurnContext, store_error, thread_config
 
 if TYPE_CHECKING:  # type hints only: reading a conversation needs no model (nor torch)
-    from chat.models import ChatBackend
+    from chat.providers import ChatBackend
     from chat.retrieval import ConceptRetriever
 
 

@@ -3,7 +3,7 @@
 Public API: `load_model(name_or_path)`, `save_model(model, path, tokenizer=None)`, `GPT`, `GPTConfig`.
 """
 
-from core.model import GPT, GPTConfig
-from core.models import ModelLoadError, load_model, save_model
+from core.lm.loader import ModelLoadError, load_model, save_model
+from core.lm.model import GPT, GPTConfig
 
 __all__ = ["GPT", "GPTConfig", "ModelLoadError", "load_model", "save_model"]

@@ -7,9 +7,10 @@ import threading
 import numpy as np
 import streamlit as st
 
-from core import embeddings, load_model
-from core.models import resolve_model_path
-from core.tokenizer import load_tokenizer
+from chat import embeddings
+from core import load_model
+from core.lm.loader import resolve_model_path
+from core.lm.tokenizer import load_tokenizer
 
 
 @st.cache_resource(show_spinner="Loading the model ...")
@@ -35,7 +36,7 @@ def wordpiece_tokenizer():
 
 @st.cache_resource(show_spinner="Loading all-MiniLM-L6-v2 ...")
 def minilm():
-    """The sentence-transformers MiniLM model (the same object core.embeddings.embed uses)."""
+    """The sentence-transformers MiniLM model (the same object chat.embeddings.embed uses)."""
     return embeddings.load_minilm()
 
 

@@ -21,8 +21,8 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+from finetune.base_model import load_base_model
 from finetune.estimate import DEFAULT_TARGET_MODULES, MODEL_SHAPES, estimate_memory, format_bytes
-from finetune.modeling import load_base_model
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -238,10 +238,10 @@ class StepTimer(TrainerCallback):
 def step_time_run(variant: str, model: str, steps: int, batch_size: int, out: Path) -> dict:
     """One training run of `variant` (STEP_VARIANTS) in this process: its step times, the mean
     tokens per row of the data under the model's chat template, and the process's peak memory."""
+    from finetune.base_model import load_tokenizer, resolve_model
     from finetune.config import FinetuneConfig
     from finetune.lint import check_file
     from finetune.memory import peak_memory
-    from finetune.modeling import load_tokenizer, resolve_model
     from finetune.render import ensure_chat_template
 
     tokenizer = load_tokenizer(model)

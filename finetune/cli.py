@@ -1,7 +1,7 @@
 """`genai-lab finetune` and `genai-lab merge`.
 
 Every key of `FinetuneConfig` is also a flag (`--lora-rank 16`, `--no-double-quant`), generated
-from the dataclass so the two can never drift apart; values go through `core.config.load_config`,
+from the dataclass so the two can never drift apart; values go through `core.train.config.load_config`,
 which gives the same one-line errors for a bad flag as for a bad YAML key.
 """
 
@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from core.cli import cli_errors
-from core.config import load_config, parse_set_options
+from core.train.config import load_config, parse_set_options
 from finetune.config import FinetuneConfig, config_fields
 
 _FIXED = ("config", "set_", "check", "dry_run", "resume", "quiet")

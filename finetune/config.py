@@ -105,9 +105,9 @@ class FinetuneConfig:
         alone."""
         from transformers.trainer_utils import SchedulerType  # the schedules Trainer knows
 
-        from core.config import ConfigError
+        from core.train.config import ConfigError
+        from finetune.base_model import pick_device
         from finetune.data import FORMATS
-        from finetune.modeling import pick_device
 
         if require_data and not self.data:
             raise ConfigError(
@@ -171,7 +171,7 @@ def check_report_to(value: str) -> None:
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    from core.config import ConfigError
+    from core.train.config import ConfigError
 
     known = ("none", "all", *INTEGRATION_TO_CALLBACK)
     for name in report_targets(value):

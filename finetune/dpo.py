@@ -24,9 +24,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from core.atomic import write_text_atomic
-from finetune.config import FinetuneConfig
-from finetune.data import ROLES, DataError, Row, plural, read_rows
-from finetune.modeling import (
+from finetune.base_model import (
     check_target_modules,
     default_target_modules,
     load_base_model,
@@ -35,6 +33,8 @@ from finetune.modeling import (
     model_label,
     pick_device,
 )
+from finetune.config import FinetuneConfig
+from finetune.data import ROLES, DataError, Row, plural, read_rows
 from finetune.render import ensure_chat_template
 from finetune.report import plot_loss_curve, read_metrics
 

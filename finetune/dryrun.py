@@ -40,8 +40,8 @@ def data_lengths(cfg: FinetuneConfig, echo=print) -> tuple[int, int]:
     """(longest row, all rows' tokens) of --data (and --eval-data) under the model's tokenizer
     and chat template, as a run would encode them: the estimate then pads batches to the data's
     longest row instead of assuming max_length. Loads the tokenizer only (no weights)."""
+    from finetune.base_model import load_tokenizer
     from finetune.lint import check_file
-    from finetune.modeling import load_tokenizer
     from finetune.render import ensure_chat_template
 
     try:
@@ -75,7 +75,7 @@ def dry_run(
     tokens of its encoded rows (`dataset_tokens`, held in memory during training)."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.modeling import (
+    from finetune.base_model import (
         check_target_modules,
         context_length,
         default_target_modules,

@@ -24,7 +24,7 @@ BLOCKSIZE_DOUBLE_QUANT = 256  # the 8-bit absmaxes are quantized again in blocks
 
 
 def _tutor_base_shape() -> dict:
-    from core.models import PRETRAINED_DIR
+    from core.lm.loader import PRETRAINED_DIR
 
     config = json.loads((PRETRAINED_DIR / "tutor-base" / "config.json").read_text())
     keys = (
@@ -326,7 +326,7 @@ def estimate_process_peak(
     """Peak resident memory of a `genai-lab finetune` process on CPU, in bytes, by part:
     ``{"runtime", "weights", "gradients", "optimizer", "activations", "dataset", "total"}``.
 
-    On CPU everything computes in fp32 (finetune/modeling.py `compute_dtype`), whatever the
+    On CPU everything computes in fp32 (finetune/base_model.py `compute_dtype`), whatever the
     storage of the frozen weights. Weights: transformers 5 memory-maps the safetensors file and
     keeps the mapping, so the pages of an fp32 checkpoint stay resident (LoRA uses them in place:
     total × 4 bytes); QLoRA adds the NF4 linear layers and an fp32 copy of the rest (embeddings,
@@ -359,7 +359,7 @@ def counts_from_model(model, target_modules: list[str]) -> dict[str, int]:
     """Exact counts from an instantiated model of any architecture (the meta device is fine):
     total parameters (tied tensors once), the linear weights bitsandbytes would quantize, and
     LoRA parameters per unit of rank for `target_modules`."""
-    from finetune.modeling import linear_layers
+    from finetune.base_model import linear_layers
 
     linears = linear_layers(model)
     targeted = [s for name, s in linears.items() if name.rsplit(".", 1)[-1] in target_modules]

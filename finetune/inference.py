@@ -3,7 +3,7 @@
 
 An adapter folder written by `genai-lab finetune` knows its base model, how it was quantized when
 trained (a QLoRA adapter runs on the same 4-bit base it was trained on) and the chat template it
-was trained with. Generation itself is core's one decoding loop (core.generate).
+was trained with. Generation itself is core's one decoding loop (core.lm.generate).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from core.chat_format import encode_prompt, ensure_chat_template, stop_ids
-from core.generate import generate, stream_text, stream_tokens
-from core.models import (
+from core.lm.chat_format import encode_prompt, ensure_chat_template, stop_ids
+from core.lm.generate import generate, stream_text, stream_tokens
+from core.lm.loader import (
     ADAPTER_META,
     SUPPORTED_MODEL_TYPES,
     ModelLoadError,
@@ -26,8 +26,8 @@ from core.models import (
     gpt_from_weights,
     resolve,
 )
-from core.models import read_adapter_meta as read_meta
-from finetune.modeling import load_base_model, load_tokenizer, pick_device
+from core.lm.loader import read_adapter_meta as read_meta
+from finetune.base_model import load_base_model, load_tokenizer, pick_device
 
 __all__ = ["ADAPTER_META", "load_adapter", "load_for_generation", "load_spec", "read_adapter_meta"]
 
@@ -70,7 +70,7 @@ def load_adapter(peft_model_class, base_model, adapter: str | Path, **kwargs):
 
 def load_spec(spec: ModelSpec, device: str = "auto"):
     """(model, tokenizer) of a resolved spec: a transformers model, with its adapter if any.
-    core.models.load calls this for everything our GPT does not run (entry point
+    core.lm.loader.load calls this for everything our GPT does not run (entry point
     `genai_lab.loaders`)."""
     device = pick_device(device)
     with _no_progress_bars():

@@ -60,8 +60,8 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from core.models import atomic_directory, naming_write_errors
-    from finetune.modeling import load_base_model, load_tokenizer, pick_device
+    from core.lm.loader import atomic_directory, naming_write_errors
+    from finetune.base_model import load_base_model, load_tokenizer, pick_device
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: got {dtype!r}, must be one of {', '.join(DTYPES)}")

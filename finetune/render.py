@@ -14,10 +14,10 @@ import bisect
 from array import array
 from dataclasses import dataclass
 
-from core.chat_format import DEFAULT_CHAT_TEMPLATE, RenderError, ensure_chat_template
-from core.chat_format import render as _render
+from core.lm.chat_format import DEFAULT_CHAT_TEMPLATE, RenderError, ensure_chat_template
+from core.lm.chat_format import render as _render
 
-# The template a tokenizer without one gets, and how a template is given, live in core.chat_format
+# The template a tokenizer without one gets, and how a template is given, live in core.lm.chat_format
 # (one chat format for generation, chat and training); this module adds the training view.
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "Encoded", "RenderError", "encode", "ensure_chat_template"]
 
@@ -58,7 +58,7 @@ def trained_spans(
     """The rendered text, the character spans of the answers trained on, and those of the
     answers that are context only (`"weight": 0`, OpenAI's per-message weight).
 
-    core.chat_format.encode_conversation's {% generation %} mask marks every answer alike, so
+    core.lm.chat_format.encode_conversation's {% generation %} mask marks every answer alike, so
     the weights are applied here, on the spans each answer renders to."""
     plain = _plain(messages)
     text = _render(tokenizer, plain)

@@ -49,8 +49,19 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from core.atomic import atomic_directory, write_text_atomic
-from core.config import ConfigError, save_config
-from core.trainer import MetricsLog
+from core.train.config import ConfigError, save_config
+from core.train.trainer import MetricsLog
+from finetune.base_model import (
+    check_target_modules,
+    compute_dtype,
+    context_length,
+    default_target_modules,
+    load_base_model,
+    load_config,
+    load_tokenizer,
+    model_label,
+    pick_device,
+)
 from finetune.config import FinetuneConfig, report_targets
 from finetune.dryrun import dry_run
 from finetune.estimate import format_bytes
@@ -64,17 +75,6 @@ from finetune.lint import (
     report_lines,
 )
 from finetune.memory import PeakMemory, peak_memory
-from finetune.modeling import (
-    check_target_modules,
-    compute_dtype,
-    context_length,
-    default_target_modules,
-    load_base_model,
-    load_config,
-    load_tokenizer,
-    model_label,
-    pick_device,
-)
 from finetune.render import ensure_chat_template
 from finetune.report import collect_samples, overfitting, write_report
 

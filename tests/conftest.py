@@ -20,7 +20,7 @@ def lora_adapter(tmp_path_factory):
     from peft import LoraConfig, get_peft_model  # (peft is slow to import: only when used)
     from transformers import AutoModelForCausalLM  # after the offline settings above
 
-    from core.models import resolve_model_path
+    from core.lm.loader import resolve_model_path
 
     folder = tmp_path_factory.mktemp("adapter") / "lora"
     base = AutoModelForCausalLM.from_pretrained(

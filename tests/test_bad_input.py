@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 from core.cli import DEBUG_ENV, build_app
-from core.models import PRETRAINED_DIR
+from core.lm.loader import PRETRAINED_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 TUTOR = PRETRAINED_DIR / "tutor-base"
@@ -762,7 +762,7 @@ def test_disk_full_while_writing_a_file_is_one_line(app, tmp_path):
 def test_disk_full_while_writing_a_checkpoint_is_one_line(app, tmp_path, monkeypatch):
     """safetensors reports a full disk as its own SafetensorError (Rust's io error, os error 28),
     not an OSError; the checkpoint writer's safetensors call fails the way it does then."""
-    import core.models
+    import core.lm.loader
 
     def full_disk(*args, **kwargs):
         raise SafetensorError(
@@ -770,7 +770,7 @@ def test_disk_full_while_writing_a_checkpoint_is_one_line(app, tmp_path, monkeyp
             'message: "No space left on device" })'
         )
 
-    monkeypatch.setattr(core.models, "save_file", full_disk)
+    monkeypatch.setattr(core.lm.loader, "save_file", full_disk)
     rows = [{"prompt": "Hi?", "response": "Hello."}, {"prompt": "Bye?", "response": "Bye."}]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from core.int4 import ON_GRID
+from core.lm.engines.int4 import ON_GRID
 
 
 def test_bench_quick_reports_all_ratios(tmp_path):

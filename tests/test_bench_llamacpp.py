@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from typer.testing import CliRunner
 
-from core.bench_llamacpp import against_llama_cpp, write_gguf_files
+from core.bench.llamacpp import against_llama_cpp, write_gguf_files
 
 
 def _tiny_q4_1_gguf(path):

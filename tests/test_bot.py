@@ -25,13 +25,13 @@ from chat.bot import (
     read_questions,
     training_rows,
 )
-from chat.memory import ChatStore
-from chat.models import Sampling, load_chat_model
+from chat.conversations import ChatStore
+from chat.providers import Sampling, load_chat_model
 from chat.retrieval import EXAMPLE_WEIGHT, RELEVANCE_THRESHOLD, ConceptRetriever, MiniLMEmbeddings
 from chat.session import ChatSession
 from core.content.concepts import CONCEPTS_BY_ID
-from core.embedded import EMBEDDED_MODELS, EmbeddedModel, EmbeddedModelError, embedded_folder
-from core.models import BOT_ADAPTER, FOUNDATION_MODEL, PRETRAINED_DIR, resolve
+from core.lm.embedded import EMBEDDED_MODELS, EmbeddedModel, EmbeddedModelError, embedded_folder
+from core.lm.loader import BOT_ADAPTER, FOUNDATION_MODEL, PRETRAINED_DIR, resolve
 
 BOT_EVAL = BOT_ADAPTER / "bot_eval.json"
 
@@ -217,8 +217,8 @@ def test_our_gpt_runs_smollm2_exactly_like_transformers():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core import load_model
-    from core.chat_format import encode_prompt, stop_ids
-    from core.generate import generate
+    from core.lm.chat_format import encode_prompt, stop_ids
+    from core.lm.generate import generate
 
     folder = resolve(FOUNDATION_MODEL).source
     ours = load_model(FOUNDATION_MODEL)

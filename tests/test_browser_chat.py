@@ -29,7 +29,7 @@ import psutil
 import pytest
 from playwright.sync_api import expect
 
-from chat.memory import ChatStore
+from chat.conversations import ChatStore
 from dashboard.lib import jobs
 from tests.browser_support import (
     MAIN,

@@ -29,8 +29,8 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect
 
-from core.models import PRETRAINED_DIR
-from dashboard.lib import jobs, stages_view
+from core.lm.loader import PRETRAINED_DIR
+from dashboard.lib import jobs, training_stages
 from tests.browser_support import (
     MAIN,
     PAGE_TIMEOUT_MS,
@@ -187,7 +187,7 @@ def _pipeline_job(page, server: StreamlitServer) -> None:
     for stage in ("base", "sft", "reward", "rlhf"):
         assert (out / stage / "config.json").is_file(), stage
     assert (out / "report.md").is_file()
-    assert stages_view.pipeline_progress(out, Path(job.argv[3])) == (1.0, "done")
+    assert training_stages.pipeline_progress(out, Path(job.argv[3])) == (1.0, "done")
     titles = chart_titles(page)
     for title in ("base: loss", "base: eval_loss", "sft: loss", "reward: loss", "rlhf: reward"):
         assert title in titles, titles
@@ -308,11 +308,11 @@ def _feedback(page, server: StreamlitServer) -> None:
     # The page shows real scores: the models the retrain started from and ended with, here.
     import torch
 
-    from core.chat_format import encode_answer
-    from core.generate import answer
-    from core.models import load_model, resolve_model_path
-    from core.stages.reward import RewardModel, load_reward_model
-    from core.tokenizer import load_tokenizer
+    from core.lm.chat_format import encode_answer
+    from core.lm.generate import answer
+    from core.lm.loader import load_model, resolve_model_path
+    from core.lm.tokenizer import load_tokenizer
+    from core.train.stages.reward import RewardModel, load_reward_model
 
     torch.set_num_threads(1)
     folder = resolve_model_path("tutor-sft")

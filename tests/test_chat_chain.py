@@ -15,8 +15,8 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from chat.chain import ContextOverflowError, answer_budget, build_chain, fit_prompt
-from chat.memory import ChatStore, ChatStoreError, default_db_path
-from chat.models import ChatBackend
+from chat.conversations import ChatStore, ChatStoreError, default_db_path
+from chat.providers import ChatBackend
 from chat.retrieval import ConceptRetriever, MiniLMEmbeddings
 from chat.session import ChatSession
 from core.content.concepts import CONCEPTS
@@ -239,7 +239,7 @@ def retriever():
 def test_minilm_embeddings_equal_langchain_huggingface_embeddings():
     from langchain_huggingface import HuggingFaceEmbeddings
 
-    from core.embeddings import minilm_path
+    from chat.embeddings import minilm_path
 
     texts = ["What is a token?", "LoRA trains two small matrices."]
     reference = HuggingFaceEmbeddings(

@@ -18,12 +18,12 @@ import typer
 import chat.session  # noqa: F401  (import the package before AppTest puts pages/ first on sys.path)
 from chat.chain import default_system_prompt
 from chat.cli import register
+from chat.conversations import ChatStore
 from chat.local_model import load_local_model
-from chat.memory import ChatStore
-from chat.models import Sampling, default_chat_model, load_chat_model
+from chat.providers import Sampling, default_chat_model, load_chat_model
 from core import save_model
-from core.chat_format import stop_ids
-from core.model import GPT, GPTConfig
+from core.lm.chat_format import stop_ids
+from core.lm.model import GPT, GPTConfig
 
 STORY = "Once upon a time, there was a little rabbit named Ben."  # the base model runs on
 

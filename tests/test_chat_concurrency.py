@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from chat.memory import ChatStore, ChatStoreError
-from chat.models import ChatBackend, Sampling, load_chat_model
+from chat.conversations import ChatStore, ChatStoreError
+from chat.providers import ChatBackend, Sampling, load_chat_model
 from chat.session import ChatSession
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,8 +21,8 @@ TURNS = 8  # per writer
 # One writer in its own process: loads the model, says so, waits for the start signal.
 WRITER = """
 import sys
-from chat.memory import ChatStore
-from chat.models import Sampling, load_chat_model
+from chat.conversations import ChatStore
+from chat.providers import Sampling, load_chat_model
 from chat.session import ChatSession
 
 db, name, turns = sys.argv[1], sys.argv[2], int(sys.argv[3])

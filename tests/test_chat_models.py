@@ -12,10 +12,10 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from chat.local_model import ChatLocalModel, load_local_model, prompt_ids
-from chat.models import ModelSpecError, Sampling, load_chat_model
-from core.chat_format import stop_ids
-from core.generate import PromptTooLongError, generate
-from core.models import resolve_model_path
+from chat.providers import ModelSpecError, Sampling, load_chat_model
+from core.lm.chat_format import stop_ids
+from core.lm.generate import PromptTooLongError, generate
+from core.lm.loader import resolve_model_path
 
 STORY = "Once upon a time, there was a little rabbit named Ben."  # the base model runs on
 
@@ -264,7 +264,7 @@ def test_bad_sampling_settings_fail_before_loading(sampling, message):
 def test_a_real_conversation_longer_than_the_context_keeps_working(tmp_path):
     """The tutor reads 128 tokens; ten turns are far more. Every turn is answered, older turns
     are left out of the prompt, and all of them stay in the saved conversation."""
-    from chat.memory import ChatStore
+    from chat.conversations import ChatStore
     from chat.session import ChatSession
 
     store = ChatStore(tmp_path / "chat.sqlite")

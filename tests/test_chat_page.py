@@ -12,7 +12,7 @@ from pathlib import Path
 from langchain_core.messages import AIMessage, HumanMessage
 
 import chat.session  # noqa: F401  (import the package before AppTest puts pages/ first on sys.path)
-from chat.memory import (
+from chat.conversations import (
     ChatStore,
     export_json,
     export_markdown,
@@ -21,7 +21,7 @@ from chat.memory import (
     thread_config,
     thread_title,
 )
-from dashboard.lib.chat_view import RunningAnswer, dropped_note, finetuned_models, turn_stats
+from dashboard.lib.chat import RunningAnswer, dropped_note, finetuned_models, turn_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +175,7 @@ def test_page_lists_the_new_thread_and_puts_it_in_the_url(tmp_path, monkeypatch)
     monkeypatch.setenv("GENAI_LAB_JOBS", str(tmp_path / "jobs"))  # (the picker lists its adapters)
     # The page's first run loads the default model: make it the tiny tutor (the page imports
     # the name on every run, so it sees the patched one).
-    monkeypatch.setattr("chat.models.default_chat_model", lambda: "tutor")
+    monkeypatch.setattr("chat.providers.default_chat_model", lambda: "tutor")
     # Nor MiniLM (the notes are on at first): a stand-in for the first run; the test turns them
     # off before asking.
     monkeypatch.setattr("chat.retrieval.ConceptRetriever", lambda: None)

@@ -16,9 +16,9 @@ import pytest
 from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
 from streamlit.testing.v1 import AppTest
 
-from core.models import resolve_model_path
-from core.tokenizer import load_tokenizer
-from dashboard.lib import embeddings_view, taxonomy, tokens
+from core.lm.loader import resolve_model_path
+from core.lm.tokenizer import load_tokenizer
+from dashboard.lib import embeddings, taxonomy, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ROOT / "dashboard" / "views"
@@ -172,7 +172,7 @@ def bpe():
 def wordpiece():
     from transformers import AutoTokenizer
 
-    from core.embeddings import minilm_path
+    from chat.embeddings import minilm_path
 
     return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
 
@@ -268,7 +268,7 @@ def test_embeddings_page_projects_and_reacts_to_the_method():
     seed_pair, paraphrase = (float(m.value) for m in at.metric[:2])
     assert seed_pair < 0.3 < 0.6 < paraphrase
     projection = charts(at)[0]
-    assert len(projection["data"]) == len(embeddings_view.PRESETS)  # one trace per topic
+    assert len(projection["data"]) == len(embeddings.PRESETS)  # one trace per topic
     for method, control in (("t-SNE", "Perplexity"), ("UMAP", "Neighbours")):
         at.radio[0].set_value(method).run()
         assert not at.exception
@@ -293,7 +293,7 @@ def test_embeddings_page_search_and_arithmetic_react():
     at = page("embeddings")
     at.text_input[0].set_value("I love my cat").run()
     top = at.dataframe[1].value.iloc[0]["sentence"]  # [0]: the picked sentence's neighbours
-    assert top in embeddings_view.PRESETS["pets"]
+    assert top in embeddings.PRESETS["pets"]
     arithmetic = [m.value for m in at.markdown if "candidate" in m.value]
     assert "**queen**" in arithmetic[-1]
     at.selectbox[1].set_value("Paris − France + Germany").run()
@@ -310,12 +310,12 @@ def test_embeddings_page_caps_the_visitors_sentences():
 
 def test_parse_sentences_reports_every_change():
     text = "a\n\n  a \n" + "x" * 400 + "\nb\nc"
-    parsed = embeddings_view.parse_sentences(text, already=["a"], max_sentences=3, max_chars=300)
+    parsed = embeddings.parse_sentences(text, already=["a"], max_sentences=3, max_chars=300)
     assert parsed.sentences == ["x" * 300]  # "a" is already shown, "b" and "c" are past the cap
     assert len(parsed.notes) == 3  # lines left out, a line cut, repeats shown once
-    assert embeddings_view.SEED_PAIR[0] in embeddings_view.PRESETS["weather"]
+    assert embeddings.SEED_PAIR[0] in embeddings.PRESETS["weather"]
     with pytest.raises(ValueError, match="unknown topic"):
-        embeddings_view.preset_sentences(["sports"])
+        embeddings.preset_sentences(["sports"])
 
 
 # -- training stages and the human-feedback lab -------------------------------------------------
@@ -346,7 +346,7 @@ def test_training_stages_page_says_a_too_long_question_is_too_long(tmp_path, mon
 def test_feedback_lab_survives_a_poisoned_store_and_a_file_that_is_not_sqlite(
     tmp_path, monkeypatch
 ):
-    from core.stages.feedback import SCHEMA
+    from core.train.stages.feedback import SCHEMA
 
     db = tmp_path / "old.db"  # what an older version let in: a float ranking next to a good row
     raw = sqlite3.connect(db)
@@ -405,7 +405,7 @@ def test_streamlit_config_hides_tracebacks_and_keeps_xsrf_protection():
 
 
 def test_lab_saves_a_ranking_once_and_names_what_is_wrong(tmp_path):
-    from dashboard.lib.stages_view import save_ranking, stored_pairs
+    from dashboard.lib.training_stages import save_ranking, stored_pairs
 
     db = tmp_path / "feedback.db"
     answers = ["A token is a piece of text.", "A coin."]
@@ -490,7 +490,7 @@ def render(text: str) -> str:
 
 @pytest.mark.parametrize("text", LEAKS + TRICKY)
 def test_chat_markdown_shows_images_and_html_as_text(text):
-    from dashboard.lib.chat_view import safe_markdown
+    from dashboard.lib.chat import safe_markdown
 
     if text in LEAKS:  # (the test cases are real: each one loads something unless made safe)
         assert {t.type for t in markdown_tokens(text)} & {"image", "html_inline", "html_block"}
@@ -504,7 +504,7 @@ def test_chat_markdown_shows_images_and_html_as_text(text):
 
 
 def test_chat_markdown_keeps_everything_else_and_code_reads_the_same():
-    from dashboard.lib.chat_view import WORD_JOINER, safe_markdown
+    from dashboard.lib.chat import WORD_JOINER, safe_markdown
 
     for text in NORMAL:
         assert render(safe_markdown(text)) == render(text), text
@@ -517,7 +517,7 @@ def test_chat_markdown_keeps_everything_else_and_code_reads_the_same():
 def test_chat_markdown_never_has_an_image_or_html_in_random_text():
     import random
 
-    from dashboard.lib.chat_view import safe_markdown
+    from dashboard.lib.chat import safe_markdown
 
     parts = ["![", "]", "(", ")", "http://e/", "`", "```", "\n", "<", "img ", ">", "\\", "[1]",
              "]: ", "$", "|", "- ", "> ", " ", "x", "~~~", "*", "<!--", "</", "\r"]  # fmt: skip
@@ -532,7 +532,7 @@ def test_chat_markdown_never_has_an_image_or_html_in_random_text():
 def test_chat_page_shows_images_in_the_conversation_as_text(tmp_path, monkeypatch):
     from langchain_core.messages import AIMessage, HumanMessage
 
-    from chat.memory import ChatStore, thread_config
+    from chat.conversations import ChatStore, thread_config
 
     db = tmp_path / "chat.sqlite"
     monkeypatch.setenv("GENAI_LAB_CHAT_DB", str(db))

@@ -11,11 +11,10 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core import load_model
-from core.models import resolve_model_path
-from core.quantization import SCHEMES, quantize_weight, weight_matrices
-from core.sampling import entropy
-from core.tokenizer import load_tokenizer
-from dashboard.lib.lora_view import (
+from core.lm.loader import resolve_model_path
+from core.lm.sampling import entropy
+from core.lm.tokenizer import load_tokenizer
+from dashboard.lib.lora import (
     lora_counts,
     lora_factors,
     lora_figure,
@@ -23,7 +22,7 @@ from dashboard.lib.lora_view import (
     memory_breakdown_table,
     model_table,
 )
-from dashboard.lib.quant_view import (
+from dashboard.lib.quantization import (
     divergence_table,
     level_figure,
     level_usage,
@@ -34,6 +33,7 @@ from dashboard.lib.quant_view import (
     value_histogram_figure,
 )
 from finetune.estimate import MODEL_SHAPES, count_parameters, lora_parameter_count
+from finetune.quantization import SCHEMES, quantize_weight, weight_matrices
 
 PAGES = Path(__file__).resolve().parent.parent / "dashboard" / "views"
 

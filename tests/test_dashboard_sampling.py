@@ -1,5 +1,5 @@
-"""The Next token & sampling page: its library (dashboard/lib/sampling_view.py) against references
-(transformers' logits warpers, core.evaluate) and the page itself through Streamlit's AppTest."""
+"""The Next token & sampling page: its library (dashboard/lib/next_token.py) against references
+(transformers' logits warpers, core.train.evaluate) and the page itself through Streamlit's AppTest."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from transformers.generation.logits_process import (
 )
 
 from core import load_model
-from core.evaluate import prefix_kl
-from core.generate import stream_steps
-from core.models import resolve_model_path
-from core.sampling import sample_many, sampling_stages
-from core.tokenizer import load_tokenizer
-from dashboard.lib.sampling_view import (
+from core.lm.generate import stream_steps
+from core.lm.loader import resolve_model_path
+from core.lm.sampling import sample_many, sampling_stages
+from core.lm.tokenizer import load_tokenizer
+from core.train.evaluate import prefix_kl
+from dashboard.lib.next_token import (
     MAX_PROMPT_CHARS,
     compare_with_truth,
     distribution_figure,

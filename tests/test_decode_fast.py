@@ -1,7 +1,7 @@
-"""Inference's fast decode path (core/model.py: one-row products split across threads, one-op
+"""Inference's fast decode path (core/lm/model.py: one-row products split across threads, one-op
 norms) gives the plain path's numbers, and float16 weights (`GPT.cast_weights`, what chat runs)
 cost a bounded KL divergence on real text, smaller than bfloat16's.
-Timings are in `genai-lab bench` (core/bench.py, `real_model_decode`), never here."""
+Timings are in `genai-lab bench` (core/bench/gpt.py, `real_model_decode`), never here."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from core.generate import generate
-from core.models import FOUNDATION_MODEL, PRETRAINED_DIR, load, load_model
+from core.lm.generate import generate
+from core.lm.loader import FOUNDATION_MODEL, PRETRAINED_DIR, load, load_model
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def _cast_kl(model, ids, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int4_kl(model, ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_cast_kl` for the model's 4-bit form (`core.int4.Int4GPT`), token by token."""
-    from core.int4 import ON_GRID, Int4GPT
+    """`_cast_kl` for the model's 4-bit form (`core.lm.engines.int4.Int4GPT`), token by token."""
+    from core.lm.engines.int4 import ON_GRID, Int4GPT
 
     with torch.no_grad():
         exact = model(ids).float().log_softmax(-1)[0]
@@ -123,7 +123,7 @@ def test_float16_and_4bit_weights_cost_a_small_kl_on_smollm2():
     and 92-93%. (Slow only for loading.)"""
     from transformers import AutoTokenizer
 
-    from core.models import resolve
+    from core.lm.loader import resolve
 
     model = load_model(FOUNDATION_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(resolve(FOUNDATION_MODEL).source)
@@ -131,7 +131,7 @@ def test_float16_and_4bit_weights_cost_a_small_kl_on_smollm2():
     kl16, agree16 = _cast_kl(model, ids, torch.float16)
     assert 0 < kl16.mean() < 2e-4 and kl16.max() < 2e-3
     assert agree16 > 0.97
-    # 4-bit weights (core.int4, what chat runs for SmolLM2): the shipped file's own Q4_1 codes,
+    # 4-bit weights (core.lm.engines.int4, what chat runs for SmolLM2): the shipped file's own Q4_1 codes,
     # so only bfloat16 (the activations into each product, the scales) differs. Measured: KL mean
     # ~3e-4 nats/token (max ~2e-3), ~97% of top-1 tokens unchanged.
     kl4, agree4 = _int4_kl(model, ids)

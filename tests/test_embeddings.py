@@ -1,4 +1,4 @@
-"""core.embeddings: MiniLM vectors, similarities, projections and word arithmetic, checked against
+"""chat.embeddings: MiniLM vectors, similarities, projections and word arithmetic, checked against
 scikit-learn and numpy where they compute the same thing."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from sklearn.manifold import trustworthiness
 from sklearn.metrics.pairwise import cosine_similarity
 from sklearn.neighbors import NearestNeighbors
 
-from core.embeddings import (
+from chat.embeddings import (
     EMBEDDING_DIM,
     PROJECTION_METHODS,
     cosine_similarity_matrix,

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from core.data import load_rows, preference_triple
-from core.stages.feedback import (
+from core.train.data import load_rows, preference_triple
+from core.train.stages.feedback import (
     MAX_PROMPT_CHARS,
     MAX_RESPONSE_CHARS,
     MAX_RESPONSES,

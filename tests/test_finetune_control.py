@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from core.config import ConfigError, save_config
+from core.train.config import ConfigError, save_config
 from finetune.config import FinetuneConfig
 from finetune.report import _markdown, change_words, overfitting, read_metrics
 from finetune.train import (
@@ -258,8 +258,8 @@ def test_chat_answers_are_bounded_by_default(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chat.local_model import DEFAULT_MAX_TOKENS, ChatLocalModel, load_local_model
-    from chat.models import Sampling, load_chat_model
-    from core.chat_format import stop_ids
+    from chat.providers import Sampling, load_chat_model
+    from core.lm.chat_format import stop_ids
 
     _, tokenizer = load_local_model("tutor-base")
     config = LlamaConfig(
@@ -291,7 +291,7 @@ def test_chat_answers_are_bounded_by_default(tmp_path):
 
 
 def test_repetition_penalty_is_checked_before_loading():
-    from chat.models import Sampling, load_chat_model
+    from chat.providers import Sampling, load_chat_model
 
     with pytest.raises(ValueError, match="repetition_penalty must be a number > 0"):
         load_chat_model("tutor-base", Sampling(repetition_penalty=0.0))

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.chat_format import stop_ids
-from core.models import resolve_model_path
+from core.lm.chat_format import stop_ids
+from core.lm.loader import resolve_model_path
+from finetune.base_model import load_tokenizer
 from finetune.config import FinetuneConfig
 from finetune.data import DataError, read_rows
 from finetune.lint import check_file, check_structure, lint_structure, report_lines
-from finetune.modeling import load_tokenizer
 from finetune.render import DEFAULT_CHAT_TEMPLATE, encode, ensure_chat_template
 from finetune.train import prepare_data
 
@@ -263,7 +263,7 @@ def test_dry_run_sizes_batches_by_the_datas_longest_row(tmp_path, cli, tokenizer
 
 
 def test_model_spec_errors_name_the_model(monkeypatch):
-    from finetune.modeling import ModelSpecError, resolve_model
+    from finetune.base_model import ModelSpecError, resolve_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError
+from core.train.config import ConfigError
 from finetune.config import FinetuneConfig
 from finetune.dpo import PreferenceDataError, read_preferences
 

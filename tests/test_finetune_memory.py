@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import load_config
+from core.train.config import load_config
 from finetune.config import FinetuneConfig
 from finetune.dryrun import dry_run
 from finetune.estimate import CALIBRATION

@@ -11,7 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard.lib import jobs
-from dashboard.lib.finetune_view import MAX_UPLOAD_BYTES, UploadError, save_upload
+from dashboard.lib.finetune_lab import MAX_UPLOAD_BYTES, UploadError, save_upload
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "dashboard" / "views" / "finetune_lab.py"

@@ -19,10 +19,10 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from core.chat_format import encode_prompt, stop_ids
-from core.config import load_config
-from core.generate import stream_tokens
-from core.models import resolve_model_path
+from core.lm.chat_format import encode_prompt, stop_ids
+from core.lm.generate import stream_tokens
+from core.lm.loader import resolve_model_path
+from core.train.config import load_config
 from finetune.config import FinetuneConfig
 from finetune.inference import load_for_generation, stream_generate
 from finetune.merge import merge_adapter
@@ -121,7 +121,7 @@ def test_lora_merge_equals_adapter_logits(tmp_path):
     report = finetune(cfg, progress=False, echo=lambda *_: None)
     adapter = tmp_path / "run" / "adapter"
     merge_adapter(adapter, tmp_path / "merged", echo=lambda *_: None)
-    from finetune.modeling import load_tokenizer
+    from finetune.base_model import load_tokenizer
 
     tokenizer = load_tokenizer(str(adapter))
     base = AutoModelForCausalLM.from_pretrained(TUTOR, dtype=torch.float32)

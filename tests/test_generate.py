@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from core.generate import stream_text
-from core.tokenizer import train_tokenizer
+from core.lm.generate import stream_text
+from core.lm.tokenizer import train_tokenizer
 
 
 def test_stream_text_pieces_join_to_the_decoded_text():
@@ -23,9 +23,9 @@ def test_repetition_penalty_matches_transformers_generate():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from core.chat_format import encode_prompt
-    from core.generate import generate
-    from core.models import PRETRAINED_DIR, load
+    from core.lm.chat_format import encode_prompt
+    from core.lm.generate import generate
+    from core.lm.loader import PRETRAINED_DIR, load
 
     folder = PRETRAINED_DIR / "tutor-base"
     tokenizer = AutoTokenizer.from_pretrained(folder)

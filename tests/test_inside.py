@@ -1,4 +1,4 @@
-"""The "Inside the transformer" page: its library (dashboard/lib/inside_view.py) against
+"""The "Inside the transformer" page: its library (dashboard/lib/inside.py) against
 transformers' own Llama on the shipped tutor, and the page itself through Streamlit's AppTest."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core import load_model
-from core.model import GPT, GPTConfig
-from core.models import resolve_model_path
-from core.tokenizer import load_tokenizer
-from dashboard.lib.inside_view import (
+from core.lm.loader import resolve_model_path
+from core.lm.model import GPT, GPTConfig
+from core.lm.tokenizer import load_tokenizer
+from dashboard.lib.inside import (
     capture,
     lens_grid,
     lens_probabilities,
@@ -28,7 +28,7 @@ from dashboard.lib.inside_view import (
     shape_steps,
     shape_table,
 )
-from dashboard.lib.sampling_view import fit_document_prompt
+from dashboard.lib.next_token import fit_document_prompt
 
 PAGE = Path(__file__).resolve().parent.parent / "dashboard" / "views" / "inside.py"
 TEXT = "The cat sat on the mat. The dog sat on the rug, and the cat saw the dog."

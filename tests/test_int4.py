@@ -1,4 +1,4 @@
-"""4-bit weights (core/int4.py): packing keeps a Q4_1-style weight, the lean decoding step gives
+"""4-bit weights (core/lm/engines/int4.py): packing keeps a Q4_1-style weight, the lean decoding step gives
 our GPT's logits and tokens, and chat uses it only for weights already on a 4-bit grid.
 Speed is in `genai-lab bench` (real_model_decode, --against llama.cpp), never here; SmolLM2's
 KL is bounded in tests/test_decode_fast.py."""
@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.generate import GPTStepper, decode, generate, stepper_for
-from core.int4 import (
+from core.lm.engines.int4 import (
     GROUP,
     ON_GRID,
     Int4GPT,
@@ -19,7 +18,8 @@ from core.int4 import (
     unpack_int4,
     unsupported,
 )
-from core.model import GPT, GPTConfig
+from core.lm.generate import GPTStepper, decode, generate, stepper_for
+from core.lm.model import GPT, GPTConfig
 
 
 def q4_1_weight(rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -99,33 +99,35 @@ def test_no_import_cycles(graph):
 
 
 def test_stages_do_not_import_each_other_for_helpers(graph):
-    """A training stage gets shared helpers from the library (core.trainer, core.data,
-    core.chat_format, core.losses, core.generate), not from another stage. The allowed uses are
+    """A training stage gets shared helpers from the library (core.train.trainer, core.train.data,
+    core.lm.chat_format, core.train.losses, core.lm.generate), not from another stage. The allowed uses are
     the ones that compose stages: rlhf runs ppo/dpo, ppo and rollouts score with the reward
     model, the pipeline and the feedback store run stages."""
     allowed = {
-        "core.stages.rlhf": {"core.stages.ppo", "core.stages.dpo", "core.stages.reward",
-                             "core.stages.rollouts"},
-        "core.stages.ppo": {"core.stages.rollouts"},
-        "core.stages.rollouts": {"core.stages.reward"},
-        "core.stages.pipeline": {"core.stages.pretrain", "core.stages.sft", "core.stages.reward",
-                                 "core.stages.rlhf", "core.stages.rollouts"},
-        "core.stages.feedback": {"core.stages.reward", "core.stages.rlhf"},
+        "core.train.stages.rlhf": {"core.train.stages.ppo", "core.train.stages.dpo", "core.train.stages.reward",
+                             "core.train.stages.rollouts"},
+        "core.train.stages.ppo": {"core.train.stages.rollouts"},
+        "core.train.stages.rollouts": {"core.train.stages.reward"},
+        "core.train.stages.pipeline": {"core.train.stages.pretrain", "core.train.stages.sft", "core.train.stages.reward",
+                                 "core.train.stages.rlhf", "core.train.stages.rollouts"},
+        "core.train.stages.feedback": {"core.train.stages.reward", "core.train.stages.rlhf"},
     }  # fmt: skip
     wrong = [
         f"{m} imports {d}"
         for m, deps in graph.items()
-        if m.startswith("core.stages.")
+        if m.startswith("core.train.stages.")
         for d in deps
-        if d.startswith("core.stages.") and d != "core.stages" and d not in allowed.get(m, set())
+        if d.startswith("core.train.stages.")
+        and d != "core.train.stages"
+        and d not in allowed.get(m, set())
     ]
     assert not wrong, "\n".join(wrong)
-    library = [m for m in graph if m.startswith("core.") and not m.startswith("core.stages")]
+    library = [m for m in graph if m.startswith("core.") and not m.startswith("core.train.stages")]
     leaks = [
         f"{m} imports {d}"
         for m in library
         for d in graph[m]
-        if d.startswith("core.stages") and not m.startswith("core.commands")
+        if d.startswith("core.train.stages") and not m.startswith("core.commands")
     ]
     assert not leaks, "the library must not depend on a stage:\n" + "\n".join(leaks)
 
@@ -133,14 +135,14 @@ def test_stages_do_not_import_each_other_for_helpers(graph):
 def test_one_definition_per_idea():
     """The ideas that used to be written several times are defined once each."""
     ideas = {
-        "def decode": "core/generate.py",  # the decoding loop
-        "def resolve": "core/models.py",  # the model resolver
-        "def encode_prompt": "core/chat_format.py",  # prompt -> ids
-        "def stop_ids": "core/chat_format.py",  # where an answer ends
+        "def decode": "core/lm/generate.py",  # the decoding loop
+        "def resolve": "core/lm/loader.py",  # the model resolver
+        "def encode_prompt": "core/lm/chat_format.py",  # prompt -> ids
+        "def stop_ids": "core/lm/chat_format.py",  # where an answer ends
         "def load_spec": "finetune/inference.py",  # the adapter loader
-        "def fit": "core/trainer.py",  # the training loop
-        "def lm_loss": "core/losses.py",  # next-token cross-entropy
-        "class ModelSpecError": "core/models.py",
+        "def fit": "core/train/trainer.py",  # the training loop
+        "def lm_loss": "core/train/losses.py",  # next-token cross-entropy
+        "class ModelSpecError": "core/lm/loader.py",
     }
     sources = {
         str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
@@ -152,7 +154,7 @@ def test_one_definition_per_idea():
                  f"\n{needle}:" in text]  # fmt: skip
         assert where == [home], f"{needle}: defined in {where}, expected only {home}"
     cross_entropy = [f for f, text in sources.items() if "F.cross_entropy(" in text]
-    assert cross_entropy == ["core/losses.py"], cross_entropy
+    assert cross_entropy == ["core/train/losses.py"], cross_entropy
 
 
 def defined_names(path: Path) -> set[str]:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from core import GPT, GPTConfig, ModelLoadError, load_model, save_model
-from core.generate import PromptTooLongError, generate, stream_steps
+from core.lm.generate import PromptTooLongError, generate, stream_steps
 
 CONFIGS = [
     # (hidden, heads, kv_heads, layers, tied, head_dim, bias)
@@ -126,7 +126,7 @@ def test_fast_inference_follows_weight_updates_and_copies_no_weight():
 def test_one_row_products_split_across_threads_match_f_linear(threads):
     """Decoding's one-row products run as one bmm over a slice of the rows per thread (the
     slices are views); with 3 threads 1024 rows do not split evenly and F.linear runs instead."""
-    from core.model import SPLIT_MIN_WEIGHTS, run_linear
+    from core.lm.model import SPLIT_MIN_WEIGHTS, run_linear
 
     layer = torch.nn.Linear(SPLIT_MIN_WEIGHTS // 1024, 1024, bias=True)
     x = torch.randn(1, 1, layer.in_features)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core.models import resolve_model_path
-from core.sampling import sampling_stages
-from core.tokenizer import load_tokenizer
-from dashboard.lib import embeddings_view, sampling_view, tokens
+from core.lm.loader import resolve_model_path
+from core.lm.sampling import sampling_stages
+from core.lm.tokenizer import load_tokenizer
+from dashboard.lib import embeddings, next_token, tokens
 
 PAGES = Path(__file__).resolve().parent.parent / "dashboard" / "views"
 
@@ -66,23 +66,23 @@ def test_characters_per_token_and_comparison_rows():
 
 def test_sampling_counts_explain_can_be_sampled():
     logits = torch.tensor([10.0, 9.0, 0.0, -5.0])
-    cold = sampling_view.sampling_counts(sampling_stages(logits, temperature=0.01))
+    cold = next_token.sampling_counts(sampling_stages(logits, temperature=0.01))
     assert cold.kept == 4  # no filter removed anything ...
     assert cold.at_least_tiny == 1 and cold.at_least_likely == 1  # ... but one token has it all
-    warm = sampling_view.sampling_counts(sampling_stages(logits, 1.0, top_k=2))
+    warm = next_token.sampling_counts(sampling_stages(logits, 1.0, top_k=2))
     assert (warm.kept, warm.at_least_tiny, warm.at_least_likely) == (2, 2, 2)
-    greedy = sampling_view.sampling_counts(sampling_stages(logits, temperature=0.0))
+    greedy = next_token.sampling_counts(sampling_stages(logits, temperature=0.0))
     assert greedy.kept == 1
 
 
 def test_sampling_figures_have_axis_titles():
     bpe = load_tokenizer(resolve_model_path("tutor-base"))
     stages = sampling_stages(torch.randn(len(bpe)), 1.0)
-    table = sampling_view.distribution_table(stages, bpe, 1.0, top_n=5)
-    fig = sampling_view.distribution_figure(table)
+    table = next_token.distribution_table(stages, bpe, 1.0, top_n=5)
+    fig = next_token.distribution_figure(table)
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
     words = pd.DataFrame({"word": ["mat", "sofa"], "true": [0.5, 0.5], "model": [0.4, 0.3]})
-    fig = sampling_view.comparison_figure(words)
+    fig = next_token.comparison_figure(words)
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
 
 
@@ -93,13 +93,13 @@ def test_sampling_figures_have_axis_titles():
 def test_projection_figure_axis_titles_and_short_labels(method, x, y):
     sentences = ["A long sentence about the weather today.", "Cats sleep.", "Dogs run fast."]
     points = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
-    fig = embeddings_view.projection_figure(points, sentences, ["weather", "pets", "pets"], method)
+    fig = embeddings.projection_figure(points, sentences, ["weather", "pets", "pets"], method)
     assert fig.layout.xaxis.title.text == x and fig.layout.yaxis.title.text == y
     labels = [t for trace in fig.data for t in trace.text]
     assert sorted(labels) == ["1", "2", "3"]  # short labels; the sentence is in the hover
     indices = sorted(int(c[0]) for trace in fig.data for c in trace.customdata)
     assert indices == [0, 1, 2]
-    fig3 = embeddings_view.projection_figure(
+    fig3 = embeddings.projection_figure(
         np.c_[points, [0.1, 0.2, 0.3]], sentences, ["weather", "pets", "pets"], method
     )
     assert fig3.layout.scene.zaxis.title.text == f"{x[:-1]}3"
@@ -107,14 +107,14 @@ def test_projection_figure_axis_titles_and_short_labels(method, x, y):
 
 def test_heatmap_axis_titles_selection_and_neighbours():
     sim = np.array([[1.0, 0.2, 0.9], [0.2, 1.0, 0.1], [0.9, 0.1, 1.0]])
-    fig = embeddings_view.heatmap_figure(sim, ["a", "b", "c"])
+    fig = embeddings.heatmap_figure(sim, ["a", "b", "c"])
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
-    rows = embeddings_view.neighbour_rows(sim, ["a", "b", "c"], 0, 2)
+    rows = embeddings.neighbour_rows(sim, ["a", "b", "c"], 0, 2)
     assert [r["sentence"] for r in rows] == ["c", "b"] and rows[0]["#"] == 3
     event = {"selection": {"points": [{"customdata": [2], "point_index": 0}]}}
-    assert embeddings_view.selected_index(event) == 2
-    assert embeddings_view.selected_index({"selection": {"points": []}}) is None
-    assert embeddings_view.selected_index(None) is None
+    assert embeddings.selected_index(event) == 2
+    assert embeddings.selected_index({"selection": {"points": []}}) is None
+    assert embeddings.selected_index(None) is None
 
 
 def test_next_token_page_defaults_show_the_formula_and_explain_the_counts():
@@ -142,8 +142,8 @@ def test_tokens_page_defaults_show_three_tokenizers_and_the_chat_template():
 
 @pytest.mark.slow
 def test_chat_template_view_matches_the_template_ids():
-    from core.embedded import embedded_folder
-    from core.models import FOUNDATION_MODEL
+    from core.lm.embedded import embedded_folder
+    from core.lm.loader import FOUNDATION_MODEL
 
     smol = load_tokenizer(embedded_folder(FOUNDATION_MODEL))
     messages = [{"role": "user", "content": "Hi!"}]

@@ -7,10 +7,10 @@ import json
 import pytest
 import yaml
 
-from core.config import ConfigError
-from core.data import DATA_DIR
-from core.models import load_model
-from core.stages.pipeline import DEFAULT_PIPELINE, load_pipeline_config, run_pipeline
+from core.lm.loader import load_model
+from core.train.config import ConfigError
+from core.train.data import DATA_DIR
+from core.train.stages.pipeline import DEFAULT_PIPELINE, load_pipeline_config, run_pipeline
 
 
 def head(name: str, n: int, tmp_path) -> str:

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from core import load_model
-from core.checkpoint import latest_checkpoint, list_checkpoints
-from core.config import ConfigError, load_config
-from core.stages.pretrain import PretrainConfig, batch_for_step, pretrain
-from core.trainer import learning_rate
+from core.train.checkpoint import latest_checkpoint, list_checkpoints
+from core.train.config import ConfigError, load_config
+from core.train.stages.pretrain import PretrainConfig, batch_for_step, pretrain
+from core.train.trainer import learning_rate
 
 TINY = {
     "num_documents": 1500,

@@ -9,7 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from chat.retrieval import RELEVANCE_THRESHOLD, ConceptRetriever
-from dashboard.lib.prompting_view import (
+from dashboard.lib.prompting import (
     HELD_OUT,
     IN_SCOPE_QUESTION,
     MADE_UP_QUESTION,
@@ -82,7 +82,7 @@ def test_the_answer_is_drawn_token_by_token_with_escaped_text():
         def decode(self, ids, skip_special_tokens=True):
             return "".join(chr(i) for i in ids)
 
-    from core.generate import GenerationStep
+    from core.lm.generate import GenerationStep
 
     steps = [GenerationStep(ord(c), p, [ord(c)], [p]) for c, p in (("<", 0.9), ("b", 0.1))]
     out = pieces(Tok(), steps)

@@ -1,4 +1,4 @@
-"""core.quantization: bitsandbytes int8 / NF4 / FP4 round trips on the CPU, byte counts, the memory
+"""finetune.quantization: bitsandbytes int8 / NF4 / FP4 round trips on the CPU, byte counts, the memory
 arithmetic behind QLoRA's figures, and the tutor loaded through BitsAndBytesConfig."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from core import load_model
-from core.models import resolve_model_path
-from core.quantization import (
+from core.lm.loader import resolve_model_path
+from core.lm.tokenizer import load_tokenizer
+from finetune.quantization import (
     PRECISIONS,
     bits_per_parameter,
     constant_bits_per_parameter,
@@ -23,7 +24,6 @@ from core.quantization import (
     weight_matrices,
     weight_memory_bytes,
 )
-from core.tokenizer import load_tokenizer
 
 # The 16 NF4 levels as published with QLoRA (bitsandbytes' table), and FP4's (1 sign, 2 exponent,
 # 1 mantissa bit, bias 2, normalised by its largest value 12): written out here, independently.

@@ -11,17 +11,17 @@ from sklearn.metrics import log_loss
 from transformers import AutoModelForCausalLM
 
 from core import load_model
-from core.chat_format import encode_answer, pad_sequences
-from core.losses import bradley_terry_loss
-from core.models import PRETRAINED_DIR
-from core.stages.reward import (
+from core.lm.chat_format import encode_answer, pad_sequences
+from core.lm.loader import PRETRAINED_DIR
+from core.lm.tokenizer import load_tokenizer
+from core.train.losses import bradley_terry_loss
+from core.train.stages.reward import (
     RewardConfig,
     RewardModel,
     load_reward_model,
     save_reward_model,
     train_reward_model,
 )
-from core.tokenizer import load_tokenizer
 
 TOKENIZER = load_tokenizer(PRETRAINED_DIR / "tutor-base")
 

@@ -12,13 +12,13 @@ import torch
 from trl.trainer.dpo_trainer import DPOTrainer
 
 from core import load_model
-from core.chat_format import encode_prompt, stop_ids
-from core.generate import generate, sample_batch
-from core.losses import dpo_loss, gae, ppo_losses
-from core.models import PRETRAINED_DIR
-from core.stages.rlhf import RLHFConfig, rlhf
-from core.stages.rollouts import answer_mask, sequence_logprobs
-from core.tokenizer import load_tokenizer
+from core.lm.chat_format import encode_prompt, stop_ids
+from core.lm.generate import generate, sample_batch
+from core.lm.loader import PRETRAINED_DIR
+from core.lm.tokenizer import load_tokenizer
+from core.train.losses import dpo_loss, gae, ppo_losses
+from core.train.stages.rlhf import RLHFConfig, rlhf
+from core.train.stages.rollouts import answer_mask, sequence_logprobs
 
 TOKENIZER = load_tokenizer(PRETRAINED_DIR / "tutor-base")
 
@@ -211,7 +211,7 @@ def test_ppo_needs_a_reward_model_and_logs_its_statistics(tmp_path):
         RLHFConfig(method="ppo", train_file=prefs).validate()
     with pytest.raises(ValueError, match="method must be"):
         RLHFConfig(method="a2c", reward_model="x").validate()
-    from core.stages.reward import RewardModel, save_reward_model
+    from core.train.stages.reward import RewardModel, save_reward_model
 
     torch.manual_seed(0)
     rm = RewardModel(load_model("tutor-base"))

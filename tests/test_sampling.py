@@ -1,4 +1,4 @@
-"""Tests for core.sampling, checked against Hugging Face transformers' logits warpers."""
+"""Tests for core.lm.sampling, checked against Hugging Face transformers' logits warpers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from core.sampling import (
+from core.lm.sampling import (
     SamplingStages,
     entropy,
     filter_logits,

@@ -9,12 +9,12 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from core.chat_format import IGNORE, encode_conversation, mask_view
 from core.commands.training import register
-from core.data import DatasetError, conversation_messages, load_rows, preference_triple
-from core.models import PRETRAINED_DIR
-from core.stages.sft import SFTConfig, encode_sft_rows, sft
-from core.tokenizer import load_tokenizer
+from core.lm.chat_format import IGNORE, encode_conversation, mask_view
+from core.lm.loader import PRETRAINED_DIR
+from core.lm.tokenizer import load_tokenizer
+from core.train.data import DatasetError, conversation_messages, load_rows, preference_triple
+from core.train.stages.sft import SFTConfig, encode_sft_rows, sft
 
 TOKENIZER = load_tokenizer(PRETRAINED_DIR / "tutor-base")
 GOOD = {
@@ -164,7 +164,7 @@ def test_cli_bad_dataset_is_one_line_error_and_show_mask_works(tmp_path):
 
 def test_padding_does_not_change_the_loss_of_a_row():
     from core import load_model
-    from core.chat_format import pad_batch
+    from core.lm.chat_format import pad_batch
 
     model = load_model("tutor-base")
     a = encode_sft_rows(TOKENIZER, [("x:1", conversation_messages(GOOD))], 128)

@@ -17,10 +17,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from core.atomic import LEGACY_STALE_SECONDS, clean_stale_temps
-from core.checkpoint import latest_checkpoint, list_checkpoints
-from core.config import ConfigError
-from core.stages.pretrain import CACHE_KEY_FILE, PretrainConfig, prepare_data, pretrain
-from core.tokenizer import load_tokenizer
+from core.lm.tokenizer import load_tokenizer
+from core.train.checkpoint import latest_checkpoint, list_checkpoints
+from core.train.config import ConfigError
+from core.train.stages.pretrain import CACHE_KEY_FILE, PretrainConfig, prepare_data, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOMIC = ROOT / "core" / "atomic.py"

@@ -8,7 +8,7 @@ from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from core.content.corpus import END_OF_TEXT, generate_documents, join_words, split_words
-from core.tokenizer import (
+from core.lm.tokenizer import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     encode_documents,

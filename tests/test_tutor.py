@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from core import load_model
-from core.chat_format import encode_prompt, stop_ids
 from core.content.concepts import CONCEPTS
 from core.content.tutor_data import (
     PADDED_SHARE,
@@ -23,12 +22,13 @@ from core.content.tutor_data import (
     preference_rows,
     sft_rows,
 )
-from core.data import DATA_DIR, bundled_rows, conversation_messages, preference_triple
-from core.evaluate import key_term_accuracy
-from core.generate import sample_batch
-from core.models import PRETRAINED_DIR, resolve_model_path
-from core.stages.rollouts import bucket_by_length, unique_prompts
-from core.tokenizer import load_tokenizer
+from core.lm.chat_format import encode_prompt, stop_ids
+from core.lm.generate import sample_batch
+from core.lm.loader import PRETRAINED_DIR, resolve_model_path
+from core.lm.tokenizer import load_tokenizer
+from core.train.data import DATA_DIR, bundled_rows, conversation_messages, preference_triple
+from core.train.evaluate import key_term_accuracy
+from core.train.stages.rollouts import bucket_by_length, unique_prompts
 
 SHIPPED = [PRETRAINED_DIR / n for n in ("tutor-base", "tutor-sft", "tutor-rlhf")]
 
@@ -184,7 +184,7 @@ def test_generate_cli_answers_a_concept_question():
 def test_training_stages_page_shows_the_stages_and_records_a_ranking(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from core.stages.feedback import FeedbackStore
+    from core.train.stages.feedback import FeedbackStore
 
     db = tmp_path / "feedback.db"
     monkeypatch.setenv("GENAI_LAB_FEEDBACK_DB", str(db))
@@ -209,7 +209,7 @@ def test_training_stages_page_shows_the_stages_and_records_a_ranking(tmp_path, m
 def test_stages_page_table_shows_the_recorded_figures():
     import pandas as pd
 
-    from dashboard.lib.stages_view import figures_table, pipeline_figures
+    from dashboard.lib.training_stages import figures_table, pipeline_figures
 
     metrics = pipeline_figures()
     table = figures_table(metrics)

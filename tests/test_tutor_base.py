@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import load_model
 from core.content import corpus
-from core.evaluate import next_word_kl, word_probabilities
-from core.models import PRETRAINED_DIR, resolve_model_path
-from core.tokenizer import load_tokenizer
+from core.lm.loader import PRETRAINED_DIR, resolve_model_path
+from core.lm.tokenizer import load_tokenizer
+from core.train.evaluate import next_word_kl, word_probabilities
 
 BASE = PRETRAINED_DIR / "tutor-base"
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from core.cli import cli_errors
-from core.models import naming_write_errors
+from core.lm.loader import naming_write_errors
 
 
 @cli_errors
@@ -52,7 +52,7 @@ def bench_command(
         typer.echo(f"== {ep.name} ==")
         results[ep.name] = ep.load()(quick=quick, echo=typer.echo)
     if against:
-        from core.bench_llamacpp import against_llama_cpp
+        from core.bench.llamacpp import against_llama_cpp
 
         typer.echo("== against llama.cpp ==")
         results["against"] = {"llama.cpp": against_llama_cpp(quick=quick, echo=typer.echo)}

@@ -1,9 +1,9 @@
 """`genai-lab generate`: text from any local model, streamed token by token.
 
-The data path: `--model`/`--adapter` -> core.models.resolve (a ModelSpec) -> core.models.load
+The data path: `--model`/`--adapter` -> core.lm.loader.resolve (a ModelSpec) -> core.lm.loader.load
 (our GPT, or a transformers model with its adapter through the loader finetune registers) ->
-core.chat_format.encode_prompt -> core.generate.stream_tokens (the one decoding loop) ->
-core.sampling.
+core.lm.chat_format.encode_prompt -> core.lm.generate.stream_tokens (the one decoding loop) ->
+core.lm.sampling.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Annotated
 
 import typer
 
-from core.chat_format import encode_prompt, ensure_chat_template, stop_ids
 from core.cli import cli_errors
-from core.generate import stream_text, stream_tokens
-from core.models import ModelSpecError, load, resolve
+from core.lm.chat_format import encode_prompt, ensure_chat_template, stop_ids
+from core.lm.generate import stream_text, stream_tokens
+from core.lm.loader import ModelSpecError, load, resolve
 
 
 @cli_errors

@@ -1,7 +1,7 @@
 """The training-stage subcommands: `pretrain`, `sft`, `reward`, `rlhf`, `pipeline` (and
 `feedback-retrain`, on the dashboard's stored rankings). Each builds
 its stage's config from YAML, `--set key=value` and flags (in that order of precedence, flags
-last), and calls the stage in core/stages/."""
+last), and calls the stage in core/train/stages/."""
 
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ from typing import Annotated
 
 import typer
 
-from core.chat_format import encode_conversation, mask_view
 from core.cli import cli_errors
-from core.config import ConfigError, load_config, parse_set_options
-from core.data import conversation_messages, load_rows
-from core.models import resolve_model_path, ship_model
-from core.stages.pipeline import load_pipeline_config, markdown_report, run_pipeline
-from core.stages.pipeline import ship as ship_stages
-from core.stages.pretrain import PretrainConfig, pretrain
-from core.stages.reward import RewardConfig, train_reward_model
-from core.stages.rlhf import RLHFConfig, rlhf
-from core.stages.sft import SFTConfig, sft
-from core.tokenizer import load_tokenizer
+from core.lm.chat_format import encode_conversation, mask_view
+from core.lm.loader import resolve_model_path, ship_model
+from core.lm.tokenizer import load_tokenizer
+from core.train.config import ConfigError, load_config, parse_set_options
+from core.train.data import conversation_messages, load_rows
+from core.train.stages.pipeline import load_pipeline_config, markdown_report, run_pipeline
+from core.train.stages.pipeline import ship as ship_stages
+from core.train.stages.pretrain import PretrainConfig, pretrain
+from core.train.stages.reward import RewardConfig, train_reward_model
+from core.train.stages.rlhf import RLHFConfig, rlhf
+from core.train.stages.sft import SFTConfig, sft
 
 DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "tutor-base.yaml"
 
@@ -240,7 +240,7 @@ def _check_pipeline_values(cfg, output_dir: Path) -> None:
     """Every stage's values checked before the first one trains: run_pipeline checks keys and
     types up front, but values only when each stage starts, so `rlhf: {minibatches: 0}` would
     otherwise fail after an hour of pre-training."""
-    from core.stages.pipeline import _pretrain_config, _stage_configs
+    from core.train.stages.pipeline import _pretrain_config, _stage_configs
 
     names = ("sft", "reward", "rlhf", "dpo")
     stages = list(zip(names, _stage_configs(cfg, Path(output_dir)), strict=True))
@@ -278,11 +278,11 @@ def feedback_retrain_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Retrain a reward model and a DPO policy on the rankings stored in --db
-    (core.stages.feedback.retrain), then score each ranked answer with the reward model before
+    (core.train.stages.feedback.retrain), then score each ranked answer with the reward model before
     and after, and answer the ranked questions with the policy before and after
-    (core.stages.feedback.measure_retrain); writes OUTPUT_DIR/retrain.json."""
+    (core.train.stages.feedback.measure_retrain); writes OUTPUT_DIR/retrain.json."""
     from core.atomic import write_text_atomic
-    from core.stages.feedback import FeedbackStore, measure_retrain, retrain
+    from core.train.stages.feedback import FeedbackStore, measure_retrain, retrain
 
     if not db.is_file():
         raise ConfigError(f"{db}: no feedback store yet (rank some answers first)")

@@ -69,7 +69,7 @@ class JobError(ValueError):
 
 
 def jobs_root() -> Path:
-    """$GENAI_LAB_JOBS, else jobs/ in the user's data folder (as chat.memory finds it)."""
+    """$GENAI_LAB_JOBS, else jobs/ in the user's data folder (as chat.conversations finds it)."""
     if os.environ.get(JOBS_ENV):
         return Path(os.environ[JOBS_ENV]).expanduser()
     try:

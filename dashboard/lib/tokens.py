@@ -80,7 +80,7 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 
 
 def bpe_segments(tokenizer, text: str) -> list[Segment]:
-    """Segments of a byte-level BPE tokenizer (e.g. `core.tokenizer.load_tokenizer(...)`)."""
+    """Segments of a byte-level BPE tokenizer (e.g. `core.lm.tokenizer.load_tokenizer(...)`)."""
     ids, offsets = _encode(tokenizer, text)
     segments = []
     for token_id, (start, end), token in zip(

@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from chat.chain import default_system_prompt
-from chat.memory import (
+from chat.conversations import (
     ChatStore,
     ThreadInfo,
     default_db_path,
@@ -19,11 +19,11 @@ from chat.memory import (
     export_markdown,
     short_time,
 )
-from chat.models import Sampling, default_chat_model, load_chat_model
+from chat.providers import Sampling, default_chat_model, load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession, TurnResult
-from core.models import BOT_MODEL, FOUNDATION_MODEL, PRETRAINED_DIR, SHIPPED_MODELS
-from dashboard.lib.chat_view import (
+from core.lm.loader import BOT_MODEL, FOUNDATION_MODEL, PRETRAINED_DIR, SHIPPED_MODELS
+from dashboard.lib.chat import (
     RunningAnswer,
     dropped_note,
     finetuned_models,

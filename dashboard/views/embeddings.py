@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core.embeddings import (
+from chat.embeddings import (
     EMBEDDING_DIM,
     cosine_similarity_matrix,
     min_points,
@@ -14,7 +14,7 @@ from core.embeddings import (
     project,
     word_arithmetic,
 )
-from dashboard.lib.embeddings_view import (
+from dashboard.lib.embeddings import (
     ANALOGIES,
     DEFAULT_CANDIDATES,
     PRESETS,

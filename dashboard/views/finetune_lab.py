@@ -12,10 +12,10 @@ from pathlib import Path
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
-from core.config import ConfigError
-from core.models import ModelLoadError
+from core.lm.loader import ModelLoadError
+from core.train.config import ConfigError
 from dashboard.lib import jobs
-from dashboard.lib.finetune_view import (
+from dashboard.lib.finetune_lab import (
     MAX_UPLOAD_BYTES,
     MODELS,
     UploadError,

@@ -10,15 +10,15 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
-from core.chat_format import encode_prompt
-from core.embeddings import EMBEDDING_DIM, minilm_parameter_count
-from core.generate import stream_text, stream_tokens
-from core.models import PRETRAINED_DIR, SHIPPED_MODELS
+from chat.embeddings import EMBEDDING_DIM, minilm_parameter_count
+from core.lm.chat_format import encode_prompt
+from core.lm.generate import stream_text, stream_tokens
+from core.lm.loader import PRETRAINED_DIR, SHIPPED_MODELS
 from dashboard.resources import tutor, warm_up_in_background
 
 # "A model is a parameter file plus a run file", shown on our own.
 PARAMETER_FILE = PRETRAINED_DIR / "tutor-base" / "model.safetensors"
-RUN_FILE = Path(__file__).resolve().parents[2] / "core" / "model.py"
+RUN_FILE = Path(__file__).resolve().parents[2] / "core" / "lm" / "model.py"
 
 # The learning path: (page module, title as in the sidebar, what you do there).
 LEARNING_PATH = (
@@ -128,7 +128,7 @@ st.caption(
 st.markdown(
     "A model is two files: a **parameter file** and a **run file**. Ours are "
     f"`core/pretrained/tutor-base/model.safetensors` ({PARAMETER_FILE.stat().st_size / 1e6:.1f} "
-    "MB of numbers, nothing else) and `core/model.py` "
+    "MB of numbers, nothing else) and `core/lm/model.py` "
     f"({len(RUN_FILE.read_text(encoding='utf-8').splitlines())} lines of Python that say what "
     "to do with them). Neither is useful alone; together they are the model. A 70B model is the "
     "same idea with a 140 GB parameter file at 16 bits per weight."

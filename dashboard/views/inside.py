@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.models import FOUNDATION_MODEL
-from dashboard.lib.inside_view import (
+from core.lm.loader import FOUNDATION_MODEL
+from dashboard.lib.inside import (
     attention_figure,
     capture,
     final_token_figure,
@@ -20,7 +20,7 @@ from dashboard.lib.inside_view import (
     shape_table,
     surprisal_figure,
 )
-from dashboard.lib.sampling_view import fit_document_prompt
+from dashboard.lib.next_token import fit_document_prompt
 from dashboard.resources import tutor
 
 MODELS = {
@@ -56,7 +56,7 @@ st.markdown(
     "it up: your text goes through the model once, and we keep what happens on the way: where "
     "each attention head looks, the shape of every tensor a token passes through, what each "
     "layer would predict if it were the last one, and how surprised the model is by your text. "
-    "Everything is computed live by the project's own transformer code (`core/model.py`), on "
+    "Everything is computed live by the project's own transformer code (`core/lm/model.py`), on "
     "our tiny tutor or on a real model it also runs."
 )
 

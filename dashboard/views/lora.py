@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.quantization import weight_matrices
-from dashboard.lib.lora_view import (
+from dashboard.lib.lora import (
     lora_counts,
     lora_factors,
     lora_figure,
@@ -16,6 +15,7 @@ from dashboard.lib.lora_view import (
 )
 from dashboard.resources import tutor
 from finetune.estimate import DEFAULT_TARGET_MODULES, MODEL_SHAPES
+from finetune.quantization import weight_matrices
 
 MODEL = "tutor-base"
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.chat_format import stop_ids
 from core.content import corpus
-from core.generate import stream_steps
-from core.models import FOUNDATION_MODEL
-from core.sampling import entropy, sample_many, sampling_stages
-from dashboard.lib.sampling_view import (
+from core.lm.chat_format import stop_ids
+from core.lm.generate import stream_steps
+from core.lm.loader import FOUNDATION_MODEL
+from core.lm.sampling import entropy, sample_many, sampling_stages
+from dashboard.lib.next_token import (
     MAX_PROMPT_CHARS,
     compare_with_truth,
     comparison_figure,

@@ -8,8 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from chat.retrieval import RELEVANCE_THRESHOLD, ConceptRetriever
-from core.models import FOUNDATION_MODEL
-from dashboard.lib.prompting_view import (
+from core.lm.loader import FOUNDATION_MODEL
+from dashboard.lib.prompting import (
     HELD_OUT,
     MADE_UP_QUESTION,
     MAX_SHOTS,

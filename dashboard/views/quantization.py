@@ -5,18 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.quantization import (
-    PRECISIONS,
-    SCHEMES,
-    constant_bits_per_parameter,
-    load_hf_model,
-    next_token_probabilities,
-    quantize_weight,
-    stored_weight_bytes,
-    weight_matrices,
-    weight_memory_bytes,
-)
-from dashboard.lib.quant_view import (
+from dashboard.lib.next_token import fit_document_prompt
+from dashboard.lib.quantization import (
     GB,
     SCHEME_NAMES,
     divergence_table,
@@ -27,8 +17,18 @@ from dashboard.lib.quant_view import (
     scheme_table,
     value_histogram_figure,
 )
-from dashboard.lib.sampling_view import fit_document_prompt
 from dashboard.resources import tutor
+from finetune.quantization import (
+    PRECISIONS,
+    SCHEMES,
+    constant_bits_per_parameter,
+    load_hf_model,
+    next_token_probabilities,
+    quantize_weight,
+    stored_weight_bytes,
+    weight_matrices,
+    weight_memory_bytes,
+)
 
 MODEL = "tutor-base"
 

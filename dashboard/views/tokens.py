@@ -10,9 +10,9 @@ import pandas as pd
 import streamlit as st
 
 from core.content import corpus
-from core.embedded import EmbeddedModelError, embedded_folder
-from core.models import FOUNDATION_MODEL, resolve_model_path
-from core.tokenizer import load_tokenizer
+from core.lm.embedded import EmbeddedModelError, embedded_folder
+from core.lm.loader import FOUNDATION_MODEL, resolve_model_path
+from core.lm.tokenizer import load_tokenizer
 from dashboard.lib.tokens import (
     MAX_CHARS,
     bpe_segments,

@@ -1,5 +1,5 @@
 """Training stages: pre-training -> supervised fine-tuning -> RLHF, shown on the shipped tutor
-models, plus a human-feedback lab that stores your rankings (core.stages.feedback)."""
+models, plus a human-feedback lab that stores your rankings (core.train.stages.feedback)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import streamlit as st
 
 from core.content.concepts import concepts_for_page
-from core.models import load_model
-from core.tokenizer import load_tokenizer
+from core.lm.loader import load_model
+from core.lm.tokenizer import load_tokenizer
 from dashboard.lib import jobs
-from dashboard.lib.stages_view import (
+from dashboard.lib.training_stages import (
     CURVES,
     TINY_PRESETS,
     answer_changes_table,
@@ -235,7 +235,7 @@ for name, label in stages:
 st.subheader("Human-feedback lab")
 st.markdown(
     "Rank the tutor's answers, best first. Each ranking of n answers gives n(n−1)/2 preference "
-    "pairs, the data a reward model and DPO learn from (`core.stages.feedback`)."
+    "pairs, the data a reward model and DPO learn from (`core.train.stages.feedback`)."
 )
 lab_question = st.text_input("Question for ranking", "What is temperature?")
 n_answers = st.slider("Answers to rank", 2, 4, 3)
