@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
-import torch
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.chat_models import generate_from_stream
@@ -33,10 +32,9 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import Field
 
 from core.lm.chat_format import encode_prompt, stop_ids
-from core.lm.engines.int4 import ON_GRID, Int4GPT, on_4bit_grid
+from core.lm.engines import prepare
 from core.lm.generate import model_context, stream_steps, stream_text
 from core.lm.loader import load, resolve
-from core.lm.model import GPT
 
 # Per-call overrides accepted by invoke/stream (e.g. `model.invoke(msgs, temperature=0)`).
 _CALL_OPTIONS = (
@@ -72,17 +70,11 @@ def load_local_model(spec: str, device: str = "cpu"):
     lm, tokenizer = load(resolve(spec), device=device)
     if not tokenizer.chat_template:
         raise ValueError(f"{spec}: the tokenizer has no chat template, so it cannot chat")
-    if isinstance(lm, GPT) and lm.model.norm.weight.device.type == "cpu":
-        # Chat only decodes, batch 1. Weights read from a 4-bit file (SmolLM2 as shipped) go
-        # back to its own 4-bit codes (~2x the float16 tokens/s); any other weights (the tutor,
-        # the demo bot's merged adapter) become float16, which halves the memory and the bytes
-        # each token reads (SmolLM2: ~2x tokens/s over fp32). `genai-lab bench --only core`
-        # measures both; tests/test_decode_fast.py bounds their KL to the fp32 model.
-        packed = Int4GPT(lm) if on_4bit_grid(lm) else None
-        if packed is not None and packed.grid_error < ON_GRID:
-            return packed, tokenizer
-        lm.cast_weights(torch.float16)
-    return lm, tokenizer
+    # Chat only decodes, batch 1: on a CPU, weights read from a 4-bit file (SmolLM2 as shipped)
+    # go back to their own 4-bit codes (~2x the float16 tokens/s); any other weights (the tutor,
+    # the demo bot's merged adapter) become float16 (half the bytes per token). The choice is
+    # core.lm.engines.prepare's; `genai-lab bench --only core` measures both.
+    return prepare(lm, "auto"), tokenizer
 
 
 def context_window(lm, tokenizer) -> int:

@@ -1,5 +1,5 @@
-"""Inference's fast decode path (core/lm/model.py: one-row products split across threads, one-op
-norms) gives the plain path's numbers, and float16 weights (`GPT.cast_weights`, what chat runs)
+"""The fp32 engine (core/lm/engines/fast.py: one-row products split across threads, one-op
+norms) gives the plain model's numbers, and float16 weights (`engines.prepare(m, "fp16")`, what chat runs)
 cost a bounded KL divergence on real text, smaller than bfloat16's.
 Timings are in `genai-lab bench` (core/bench/gpt.py, `real_model_decode`), never here."""
 
@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from core.lm.generate import generate
+from core.lm.engines import fast as fast_layers
+from core.lm.generate import decode, generate, stepper_for
 from core.lm.loader import FOUNDATION_MODEL, PRETRAINED_DIR, load, load_model
 
 
@@ -21,12 +22,24 @@ def tutor():
 
 
 def _logits(model, ids, fast: bool) -> torch.Tensor:
-    model.set_fast_inference(fast)
+    (fast_layers.install if fast else fast_layers.uninstall)(model)
     try:
         with torch.inference_mode():
             return model(ids)
     finally:
-        model.set_fast_inference(True)
+        fast_layers.install(model)
+
+
+def _greedy_plain(model, ids, n: int) -> list[int]:
+    """Greedy tokens from the plain model (the fast layers taken out) through the decoding loop's
+    stepper, which installs nothing."""
+    fast_layers.uninstall(model)
+    try:
+        with torch.inference_mode():
+            stepper = stepper_for(model, 1, ids.shape[0] + n)
+            return [int(t) for t, _, _ in decode(stepper, ids[None], n, temperature=0.0)]
+    finally:
+        fast_layers.install(model)
 
 
 def test_fast_path_gives_the_plain_paths_logits_and_tokens(tutor):
@@ -41,11 +54,8 @@ def test_fast_path_gives_the_plain_paths_logits_and_tokens(tutor):
         steps = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], 1)
     assert (steps - reference).abs().max() < 1e-4
     fast = generate(model, ids[0], max_new_tokens=30, temperature=0.0)
-    model.set_fast_inference(False)
-    try:
-        assert generate(model, ids[0], max_new_tokens=30, temperature=0.0) == fast
-    finally:
-        model.set_fast_inference(True)
+    assert fast_layers.installed(model)  # the loader and the decoding loop install them
+    assert _greedy_plain(model, ids[0], 30) == fast
 
 
 def test_a_hooked_layer_runs_as_a_module_and_its_hook_fires(tutor):
@@ -74,7 +84,7 @@ def _cast_kl(model, ids, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     widens the weights back to fp32, while decoding also rounds each product's input to dtype."""
     with torch.no_grad():
         exact = model(ids).float().log_softmax(-1)[0]  # the plain fp32 path
-    cast = copy.deepcopy(model).cast_weights(dtype)
+    cast = fast_layers.cast_weights(copy.deepcopy(model), dtype)
     with torch.inference_mode():  # token by token through the cache, as chat decodes
         cache = cast.new_cache(1, ids.shape[1])
         steps = [cast(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])]

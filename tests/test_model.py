@@ -9,6 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from core import GPT, GPTConfig, ModelLoadError, load_model, save_model
+from core.lm.engines import prepare
+from core.lm.engines.fast import cast_weights
 from core.lm.generate import PromptTooLongError, generate, stream_steps
 
 CONFIGS = [
@@ -55,8 +57,8 @@ def test_logits_match_transformers_llama(tmp_path, spec):
         expected = reference(ids).logits
         reloaded = load_model(tmp_path)(ids)
         direct = ours(ids)
-    with torch.inference_mode():  # the fused fast path (one matmul for q/k/v and for gate/up)
-        fast = ours(ids)
+    with torch.inference_mode():  # the fast layers (core.lm.engines.fast)
+        fast = prepare(ours)(ids)
     assert expected.abs().max() > 1.0  # the comparison is not between near-zero tensors
     assert (direct - expected).abs().max().item() <= 1e-4
     assert (fast - expected).abs().max().item() <= 1e-4
@@ -102,7 +104,7 @@ def test_kv_cache_gives_same_logits_as_full_pass():
 
 
 def test_fast_inference_follows_weight_updates_and_copies_no_weight():
-    model = random_gpt(64, 4, 2, 2, False, bias=True)
+    model = prepare(random_gpt(64, 4, 2, 2, False, bias=True))
     ids = torch.randint(0, 101, (2, 12))
     keys = set(model.state_dict())
     with torch.inference_mode():
@@ -126,16 +128,16 @@ def test_fast_inference_follows_weight_updates_and_copies_no_weight():
 def test_one_row_products_split_across_threads_match_f_linear(threads):
     """Decoding's one-row products run as one bmm over a slice of the rows per thread (the
     slices are views); with 3 threads 1024 rows do not split evenly and F.linear runs instead."""
-    from core.lm.model import SPLIT_MIN_WEIGHTS, run_linear
+    from core.lm.engines.fast import SPLIT_MIN_WEIGHTS, FastLinear
 
-    layer = torch.nn.Linear(SPLIT_MIN_WEIGHTS // 1024, 1024, bias=True)
+    layer = FastLinear(SPLIT_MIN_WEIGHTS // 1024, 1024, bias=True)
     x = torch.randn(1, 1, layer.in_features)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            fast = run_linear(layer, x)
-            profile_ops = _ops_run(lambda: run_linear(layer, x))
+            fast = layer(x)
+            profile_ops = _ops_run(lambda: layer(x))
     finally:
         torch.set_num_threads(old)
     assert fast.shape == (1, 1, 1024)
@@ -154,7 +156,7 @@ def test_cast_weights_stores_linear_weights_in_float16_and_keeps_activations():
     ids = torch.randint(0, 101, (1, 10))
     with torch.no_grad():
         exact = model(ids)
-    model.cast_weights(torch.float16)
+    prepare(model, "fp16")
     assert model.lm_head.weight.dtype == torch.float16  # tied: the embedding with it
     assert model.model.embed_tokens.weight is model.lm_head.weight
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
@@ -268,15 +270,19 @@ def test_stream_steps_report_the_chosen_token_and_alternatives():
 
 def test_the_training_forward_traces_as_one_graph_for_torch_compile():
     """`--set compile=true` (pre-training) compiles the model: the training forward must trace
-    as one graph, with no break (the inference checks must stay out of its way)."""
+    as one graph, with no break, also with the fast layers installed (a run that decodes a sample
+    installs them; their inference checks must stay out of the trace's way)."""
     model = random_gpt(64, 4, 2, 2, True, seed=1).train()
     ids = torch.randint(0, 101, (2, 12))
     explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(prepare(model))(ids)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_cast_weights_refuses_a_dtype_that_is_not_floating_point():
     model = random_gpt(64, 4, 2, 2, True, seed=2)
     with pytest.raises(ValueError, match=r"torch\.int8 is not a floating-point dtype"):
-        model.cast_weights(torch.int8)
+        cast_weights(model, torch.int8)
     assert model.lm_head.weight.dtype == torch.float32  # nothing changed

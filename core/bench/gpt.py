@@ -209,8 +209,9 @@ def real_model_decode(
     prefill_len: int = 300,
 ) -> dict:
     """Batch-1 greedy decoding of a real model (SmolLM2-135M-Instruct): our GPT through core's
-    one decoding loop, fp32 with inference's fast path (`GPT.set_fast_inference`) on and off,
-    with float16 weights (`GPT.cast_weights`, what the demo bot runs) and with 4-bit weights
+    one decoding loop, fp32 with the fast layers (`core.lm.engines.fast`) and without (the plain
+    model), with float16 weights (`engines.prepare(model, "fp16")`, what the demo bot runs) and
+    with 4-bit weights
     (`core.lm.engines.int4.Int4GPT`, what chat runs for SmolLM2 itself), against transformers' `generate`
     in fp32 on the same weights. All five run interleaved, round after round, and each figure is
     the median over the rounds (the load average is reported with it: on a shared machine a
@@ -221,13 +222,15 @@ def real_model_decode(
 
     from transformers import AutoModelForCausalLM
 
+    from core.lm.engines import fast as fast_layers
+    from core.lm.engines import prepare
     from core.lm.engines.int4 import Int4GPT
     from core.lm.generate import decode, stepper_for
     from core.lm.loader import FOUNDATION_MODEL, load_model, resolve
 
     name = name or FOUNDATION_MODEL
-    ours, ours_fp16 = load_model(name), load_model(name).cast_weights(torch.float16)
-    ours_int4 = Int4GPT(load_model(name))
+    ours, ours_fp16 = prepare(load_model(name)), prepare(load_model(name), "fp16")
+    ours_int4 = prepare(load_model(name), "int4")
     theirs = AutoModelForCausalLM.from_pretrained(resolve(name).source, dtype=torch.float32)
     theirs = theirs.eval()
     prompt = torch.randint(
@@ -236,10 +239,13 @@ def real_model_decode(
 
     @torch.inference_mode()
     def ours_generate(model: GPT | Int4GPT, fast: bool = True) -> list[int]:
-        if isinstance(model, GPT):
-            model.set_fast_inference(fast)
+        if isinstance(model, GPT) and not fast:
+            fast_layers.uninstall(model)  # the plain model: what training runs, op for op
         stepper = stepper_for(model, 1, prompt_len + new_tokens)
-        return [int(t) for t, _, _ in decode(stepper, prompt, new_tokens, temperature=0.0)]
+        tokens = [int(t) for t, _, _ in decode(stepper, prompt, new_tokens, temperature=0.0)]
+        if isinstance(model, GPT):
+            fast_layers.install(model)
+        return tokens
 
     # Time to the first token of a long prompt: prefill, then the first token.
     long_prompt = torch.randint(
@@ -275,7 +281,6 @@ def real_model_decode(
             t = time.perf_counter()
             tokens[key] = run()
             seconds[key].append(time.perf_counter() - t)
-    ours.set_fast_inference(True)
     first = {key: statistics.median(seconds.pop(key)) for key in list(seconds) if "first" in key}
     tps = {key: new_tokens / statistics.median(s) for key, s in seconds.items()}
 
@@ -323,13 +328,10 @@ def decode_memory_run(variant: str, name: str, new_tokens: int, prompt_len: int 
 
         model = AutoModelForCausalLM.from_pretrained(resolve(name).source, dtype=torch.float32)
     else:
-        from core.lm.engines.int4 import Int4GPT
+        from core.lm.engines import prepare
 
-        model = load_model(name)
-        if variant == "ours_fp16":
-            model.cast_weights(torch.float16)
-        elif variant == "ours_int4":
-            model = Int4GPT(model)  # the fp32 model is dropped here
+        precision = {"ours": "fp32", "ours_fp16": "fp16", "ours_int4": "int4"}[variant]
+        model = prepare(load_model(name), precision)  # int4: the fp32 model is dropped here
     import gc
 
     gc.collect()

@@ -193,7 +193,7 @@ def against_llama_cpp(
     and 4-bit weights) and llama.cpp (F32, F16, Q8_0, Q4_1), interleaved rounds, medians; {} with a
     message when llama.cpp is not there and cannot be built."""
     from core.lm.embedded import EMBEDDED_MODELS, gguf_path
-    from core.lm.engines.int4 import Int4GPT
+    from core.lm.engines import prepare
     from core.lm.loader import FOUNDATION_MODEL, load_model
 
     if not has_llama_cpp():
@@ -206,9 +206,9 @@ def against_llama_cpp(
     echo("  writing the GGUF files (once) ...")
     paths = write_gguf_files(source, environment().parent / "gguf")
     models = {
-        "ours_fp32": load_model(FOUNDATION_MODEL),
-        "ours_fp16": load_model(FOUNDATION_MODEL).cast_weights(torch.float16),
-        "ours_int4": Int4GPT(load_model(FOUNDATION_MODEL)),
+        "ours_fp32": prepare(load_model(FOUNDATION_MODEL)),
+        "ours_fp16": prepare(load_model(FOUNDATION_MODEL), "fp16"),
+        "ours_int4": prepare(load_model(FOUNDATION_MODEL), "int4"),
     }
     ours_round(models, 8, 16)  # warm-up
     load_before = os.getloadavg()[0]

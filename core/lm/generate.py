@@ -6,8 +6,9 @@ without an adapter (`past_key_values`), one sequence streamed token by token or 
 rollouts for PPO. What differs between them is a small *stepper* with two methods, `prefill(ids)`
 and `step(tokens)`, each returning the next-token logits [B, V].
 
-The caller picks the grad mode: streaming runs under `torch.inference_mode()` (our GPT's fused
-fast path), PPO's rollouts under `torch.no_grad()` (the plain path training uses).
+The caller picks the grad mode: streaming runs under `torch.inference_mode()` with our GPT's
+fast layers (core/lm/engines, installed by `stream_logits`), PPO's rollouts under
+`torch.no_grad()` (the plain path training uses, op for op).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from core.lm.chat_format import encode_prompt
 from core.lm.chat_format import stop_ids as default_stop_ids
+from core.lm.engines import prepare
 from core.lm.engines.int4 import Int4Cache, Int4GPT
 from core.lm.loader import context_length
 from core.lm.model import GPT
@@ -197,6 +199,7 @@ def stream_logits(
     device = model_device(model)
     ids = ids.to(device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    model = prepare(model)  # our GPT: the fast layers (no-op for any other model)
     stepper = stepper_for(model, 1, ids.shape[1] + budget, use_cache)
     for tokens, logits, stopped in decode(
         stepper, ids, budget, temperature, top_k, top_p, generator, stop_ids,

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from core.atomic import atomic_directory, write_text_atomic
 from core.lm.chat_format import stop_ids
 from core.lm.embedded import EMBEDDED_MODELS, embedded_folder
+from core.lm.engines import prepare
 from core.lm.model import GPT, GPTConfig, rotary_tables
 from core.lm.tokenizer import load_tokenizer
 from core.train.config import ConfigError
@@ -286,7 +287,8 @@ def load(spec: ModelSpec | str, device: str = "cpu"):
     device = pick_device(device)
     if spec.core:
         folder = Path(spec.source)
-        return load_model(folder, device=device), load_tokenizer(folder)
+        # Ready to generate: the fp32 engine (fast layers; training numbers unchanged).
+        return prepare(load_model(folder, device=device)), load_tokenizer(folder)
     loaders = {e.name: e for e in entry_points(group="genai_lab.loaders")}
     if "transformers" not in loaders:
         raise ModelSpecError(f"{spec.spec}: loading it needs the finetune package (not installed)")

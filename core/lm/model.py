@@ -8,14 +8,9 @@ Parameter names are exactly those of transformers' `LlamaForCausalLM` (`model.la
 ...), so a checkpoint is a plain Hugging Face folder in both directions with no renaming table, and
 what you learn here carries over to reading `modeling_llama.py`.
 
-Inference fast path: under `torch.inference_mode()` (generation, the dashboard, chat) RMSNorm is
-one fused op and decoding's one-row products split across the CPU threads (`run_linear`: PyTorch's
-fp32 matrix-vector product uses one core; slices of each weight's rows, views with nothing
-copied, read it with all of them). Training and `no_grad` code take the plain path, op for op;
-`GPT.set_fast_inference(False)` gives inference the plain path too. `GPT.cast_weights` stores
-the weights in float16 for inference (chat does, unless they sit on a 4-bit grid: core/lm/engines/int4.py):
-half the memory and bytes per token, lossy within bounds tested in tests/test_decode_fast.py.
-`genai-lab bench` measures both.
+Faster ways to run the same model for inference (one-row products split across the CPU threads,
+fused norms, float16 or 4-bit weights) are in core/lm/engines/: they swap a layer or re-pack the
+weights, so this file stays the one definition of the forward pass.
 
 Shapes in comments: B = batch, T = new tokens this call, S = all positions attended to (cache + T),
 H = query heads, KV = key/value heads, D = head dim, C = hidden size, V = vocab.
@@ -105,9 +100,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and fast_inference_on(self):
-            # One fused op instead of seven (decoding runs 61 norms per token); same numbers.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 like Llama does, so fp16/bf16 weights give the same answer.
         dtype = x.dtype
         x = x.float()
@@ -170,65 +162,6 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def fast_inference_on(module: nn.Module) -> bool:
-    """True under `torch.inference_mode()` unless `GPT.set_fast_inference(False)` turned it off
-    (never while torch.compile traces: the check would break its graph)."""
-    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
-        return False
-    return module.__dict__.get("fast_inference", True)
-
-
-# Below ~0.5 MB a weight sits in cache and waking the other threads costs more than it saves
-# (a tutor layer is 128 x 128); SmolLM2's smallest (k/v, 192 x 576) is about the break-even.
-SPLIT_MIN_WEIGHTS = 1 << 17
-
-
-def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`, for a plain nn.Linear through two shortcuts (any other layer, e.g. quantized
-    or LoRA-wrapped, or one with hooks, runs as itself, so its hooks fire):
-
-    - Under inference mode, decoding's one-row products split across the CPU threads. Decoding
-      one token multiplies a single row by every weight, and PyTorch's fp32 matrix-vector
-      product runs on one core (MKL's sgemv), reading the weights at about half the bandwidth
-      two cores reach. Cutting the weight's rows into one slice per thread (views, nothing
-      copied) lets `bmm` multiply the slices in parallel: the same dot products, up to float
-      rounding, in about half the time on two cores (`genai-lab bench`). Prefill and batches
-      keep `F.linear`, already parallel.
-    - A weight stored in another dtype than the activations (`GPT.cast_weights`) multiplies one
-      row cast to its dtype (the product is cast back); several rows (prefill) multiply the
-      weight cast to theirs, since matrix-matrix products run fastest in fp32 on a CPU."""
-    if (
-        torch.compiler.is_compiling()  # a traced graph has no use for either, and no breaks
-        or type(layer) is not nn.Linear
-        or layer._forward_hooks
-        or layer._forward_pre_hooks
-    ):
-        return layer(x)
-    weight, bias = layer._parameters["weight"], layer._parameters["bias"]
-    if weight.dtype != x.dtype:
-        if x.numel() == weight.shape[1] or weight.device.type != "cpu":  # one row: fewer bytes
-            y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
-        else:  # several rows: CPUs multiply matrices fastest in fp32 (fp16's: ~3.5x slower)
-            y = F.linear(x, weight.to(x.dtype))
-        return y if bias is None else y + bias
-    out_features, in_features = weight.shape
-    if not (
-        x.numel() == in_features  # one row: a matrix-vector product
-        and weight.dtype == torch.float32
-        and weight.device.type == "cpu"
-        and weight.numel() >= SPLIT_MIN_WEIGHTS
-        and fast_inference_on(layer)
-        and (parts := torch.get_num_threads()) > 1
-        and out_features % parts == 0
-    ):
-        return layer(x)
-    y = torch.bmm(  # [parts, 1, in] @ [parts, in, out/parts] -> [parts, 1, out/parts]
-        x.reshape(1, 1, in_features).expand(parts, 1, in_features),
-        weight.view(parts, out_features // parts, in_features).transpose(1, 2),
-    ).view(*x.shape[:-1], out_features)
-    return y if bias is None else y + bias
-
-
 def attention_probabilities(
     q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
 ) -> torch.Tensor:
@@ -270,9 +203,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
-        q = run_linear(self.q_proj, x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = run_linear(self.k_proj, x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
-        v = run_linear(self.v_proj, x).view(B, T, KV, D).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         past = 0
@@ -295,7 +228,7 @@ class Attention(nn.Module):
         if self.record_attention:
             self.attention_probs = attention_probabilities(q, k, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, H * D)
-        return run_linear(self.o_proj, y)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -310,8 +243,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = run_linear(self.gate_proj, x), run_linear(self.up_proj, x)
-        return run_linear(self.down_proj, F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -389,39 +321,7 @@ class GPT(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [..., C] -> logits [..., V] (the vocabulary head)."""
-        return run_linear(self.lm_head, h)
-
-    def set_fast_inference(self, on: bool = True) -> GPT:
-        """Inference mode's fast path (on by default): one-op norms, and one-row (decoding)
-        products split across the CPU threads (`run_linear`); same numbers as the plain path up
-        to float rounding, no weight copied. Off: inference runs the plain path that training
-        and `no_grad` take, op for op, slower."""
-        for module in self.modules():
-            module.fast_inference = on
-        return self
-
-    def cast_weights(self, dtype: torch.dtype = torch.float16) -> GPT:
-        """For inference only: store every linear layer's weight (and the embedding tied to the
-        vocabulary head) in `dtype`, in place, while activations, norms, attention and the KV
-        cache stay in the model's dtype (each product casts its input to `dtype` and its result
-        back). float16 halves the weights' memory and the bytes each token reads, and PyTorch's
-        float16 matrix-vector kernel accumulates in fp32 at memory speed on a CPU (bf16's runs
-        slower here). float16 rather than bfloat16: the same bytes, three more mantissa bits,
-        and trained weights sit far inside its range. Lossy: tests/test_decode_fast.py bounds
-        the KL divergence it costs; `genai-lab bench` measures the speed."""
-        if not dtype.is_floating_point:
-            raise ValueError(f"cast_weights: {dtype} is not a floating-point dtype")
-        for module in self.modules():
-            if type(module) is nn.Linear:
-                module.weight = nn.Parameter(module.weight.detach().to(dtype), False)
-        if self.config.tie_word_embeddings:
-            self.model.embed_tokens.weight = self.lm_head.weight
-        # A loader's tensors may share one memory-mapped weights file: copy the few left (norms,
-        # biases) so nothing holds the mapping and the fp32 pages the cast read are given back.
-        for param in self.parameters():
-            if param.dtype != dtype:
-                param.data = param.data.clone()
-        return self
+        return self.lm_head(h)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> the final-norm hidden states [B, T, C] the vocabulary head reads
@@ -435,7 +335,7 @@ class GPT(nn.Module):
             )
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + T}")
-        dtype = self.model.norm.weight.dtype  # the activations' (`cast_weights` keeps them)
+        dtype = self.model.norm.weight.dtype  # the activations' (float16 weights keep them fp32)
         cos, sin = (
             self.rope_cos[start : start + T].to(dtype),
             self.rope_sin[start : start + T].to(dtype),
@@ -446,7 +346,7 @@ class GPT(nn.Module):
         return h
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        w = self.model.norm.weight  # the activations' dtype (`cast_weights` keeps it)
+        w = self.model.norm.weight  # the activations' dtype (float16 weights keep it fp32)
         return KVCache(
             self.config,
             batch_size,
