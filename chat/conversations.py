@@ -47,6 +47,7 @@ from chat.chain import (
     build_chain,
     notes_in_prompt,
 )
+from core.userdata import user_data_path
 
 if TYPE_CHECKING:  # type hints only: reading a conversation needs no model (nor torch)
     from chat.providers import ChatBackend
@@ -78,18 +79,8 @@ class ChatStoreError(ValueError):
 
 
 def default_db_path() -> Path:
-    """$GENAI_LAB_CHAT_DB, else chat.sqlite in the user's data folder (platformdirs if installed,
-    else $XDG_DATA_HOME or ~/.local/share, then genai-lab/)."""
-    if os.environ.get(DB_ENV):
-        return Path(os.environ[DB_ENV]).expanduser()
-    try:
-        from platformdirs import user_data_dir
-
-        base = Path(user_data_dir("genai-lab", appauthor=False))
-    except ImportError:
-        xdg = os.environ.get("XDG_DATA_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".local" / "share") / "genai-lab"
-    return base / "chat.sqlite"
+    """$GENAI_LAB_CHAT_DB, else chat.sqlite in the user's data folder (core.userdata)."""
+    return user_data_path("chat.sqlite", DB_ENV)
 
 
 def store_error(path: Path, error: sqlite3.Error, doing: str) -> ChatStoreError:

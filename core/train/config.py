@@ -91,6 +91,21 @@ def check_key(cls: type, key: str, where: str) -> None:
         raise ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """The YAML file at `path` as a dict, or ConfigError in one line naming the file: missing,
+    not YAML, not UTF-8, or not a mapping of key: value (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value")
+    return data
+
+
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> T:
@@ -99,14 +114,7 @@ def load_config(
     types_ = field_types(cls)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value")
+        data = read_yaml_mapping(path)
         for key, value in data.items():
             check_key(cls, str(key), str(path))
             values[key] = coerce(value, types_[key], f"{path}: {key}")

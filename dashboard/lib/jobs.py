@@ -20,7 +20,6 @@ No Streamlit here: the page and the tests use the same code.
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import os
 import re
@@ -35,23 +34,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def _atomic_writer():
-    """core.atomic's write_text_atomic. The runner (this file run as a script) loads the file
-    alone: importing the `core` package imports torch, 3 s and 250 MB for a process that mostly
-    waits."""
-    if __name__ != "__main__":
-        from core.atomic import write_text_atomic
-
-        return write_text_atomic
-    path = Path(__file__).resolve().parents[2] / "core" / "atomic.py"
-    spec = importlib.util.spec_from_file_location("_genai_lab_atomic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_text_atomic
-
-
-write_text_atomic = _atomic_writer()
+from core.atomic import write_text_atomic
+from core.userdata import user_data_path
 
 JOBS_ENV = "GENAI_LAB_JOBS"  # overrides the jobs root (tests, several installs side by side)
 ACTIVE = ("queued", "running")
@@ -69,17 +53,8 @@ class JobError(ValueError):
 
 
 def jobs_root() -> Path:
-    """$GENAI_LAB_JOBS, else jobs/ in the user's data folder (as chat.conversations finds it)."""
-    if os.environ.get(JOBS_ENV):
-        return Path(os.environ[JOBS_ENV]).expanduser()
-    try:
-        from platformdirs import user_data_dir
-
-        base = Path(user_data_dir("genai-lab", appauthor=False))
-    except ImportError:
-        xdg = os.environ.get("XDG_DATA_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".local" / "share") / "genai-lab"
-    return base / "jobs"
+    """$GENAI_LAB_JOBS, else jobs/ in the user's data folder (core.userdata)."""
+    return user_data_path("jobs", JOBS_ENV)
 
 
 def valid_id(job_id: str) -> bool:

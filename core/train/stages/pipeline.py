@@ -32,14 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from core.atomic import write_text_atomic
 from core.content.tutor_data import is_padded
 from core.lm.generate import answer
 from core.lm.loader import load_model, resolve_model_path, save_model, ship_model
 from core.lm.tokenizer import load_tokenizer
-from core.train.config import ConfigError, check_key, coerce, field_types, load_config
+from core.train.config import (
+    ConfigError,
+    check_key,
+    coerce,
+    field_types,
+    load_config,
+    read_yaml_mapping,
+)
 from core.train.data import DATA_DIR, load_rows
 from core.train.data import preference_triple as _pref
 from core.train.evaluate import key_term_accuracy
@@ -88,14 +93,7 @@ def _section(cls: type, values: dict | None, where: str, extra: dict | None = No
 
 def load_pipeline_config(path: str | Path | None = None, overrides: dict | None = None):
     path = Path(path or DEFAULT_PIPELINE)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text("utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of key: value")
+    data = read_yaml_mapping(path)
     for key, value in data.items():
         check_key(PipelineConfig, str(key), str(path))
         if key in ("pretrain", "sft", "reward", "rlhf", "dpo") and value is not None:
