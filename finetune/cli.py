@@ -82,7 +82,7 @@ def finetune_command(
 
         cfg.validate(require_data=False)  # the config first, then the data, then the estimate
         if cfg.data and cfg.method == "dpo":
-            from finetune.dpo import read_preferences
+            from finetune.data import read_preferences
 
             for path in [cfg.data] + ([cfg.eval_data] if cfg.eval_data else []):
                 read_preferences(path, cfg.skip_invalid, typer.echo)

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+from finetune.data import FORMATS, format_help
+
 
 def _f(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -20,9 +22,7 @@ class FinetuneConfig:
     # what
     model: str = _f("tutor-base", "Base model: shipped name, local folder or Hub id (online).")
     data: str | None = _f(None, "Training data: .jsonl, .json, .csv or .parquet file.")
-    format: str = _f(
-        "auto", "auto, alpaca, messages (OpenAI chat), sharegpt, prompt_completion or text."
-    )
+    format: str = _f("auto", format_help())  # the formats of finetune.data.DATA_FORMATS
     columns: dict[str, str] | None = field(
         default=None,
         metadata={
@@ -107,7 +107,6 @@ class FinetuneConfig:
 
         from core.train.config import ConfigError
         from finetune.base_model import pick_device
-        from finetune.data import FORMATS
 
         if require_data and not self.data:
             raise ConfigError(

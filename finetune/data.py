@@ -1,26 +1,18 @@
-"""Reading a user's dataset: JSONL, JSON, CSV or Parquet rows in one of five formats, each row
+"""Reading a user's dataset: JSONL, JSON, CSV or Parquet rows in one of the formats of
+`DATA_FORMATS` (the one table of them: columns, description, an example row and the converter;
+`--format`'s help, auto-detection and the dashboard's list are all read from it), each row
 checked before anything trains, so a malformed row is reported as `file:line: field: reason`
 instead of a KeyError an hour into a run.
 
-Formats (auto-detected from the columns, or chosen with `--format`):
-
-- ``alpaca``: ``instruction``, optional ``input``, ``system`` and ``history`` (a list of
-  ``[instruction, response]`` pairs: the earlier turns of the conversation), ``output``
-- ``messages``: ``messages``, a list of ``{"role", "content"}`` ending with an assistant turn
-  (OpenAI chat; an assistant message with ``"weight": 0`` is context only, not trained on)
-- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` (roles human/user,
-  gpt/assistant/model, system), optional top-level ``system``
-- ``prompt_completion``: ``prompt``, ``completion``
-- ``text``: ``text`` (plain language modelling: every token is trained on)
-
-Every format except ``text`` becomes a conversation (a list of messages), which the model's chat
-template renders (see `finetune.render`). Every assistant turn is trained on (earlier answers of
-a conversation and of an alpaca ``history`` too), except one with ``weight`` 0.
+Every SFT format except ``text`` becomes a conversation (a list of messages), which the model's
+chat template renders (see `finetune.render`). Every assistant turn is trained on (earlier answers
+of a conversation and of an alpaca ``history`` too), except one with ``weight`` 0. Preference rows
+(``prompt``, ``chosen``, ``rejected``; `--method dpo`) become TRL's conversational pairs.
 
 Other layouts are read through two mappings (`read_rows(columns=...)`, `to_conversation(roles=)`):
-``columns`` maps a field name above (or ``role``, ``content``, ``weight`` inside a message) to the
-file's own column, e.g. ``{"instruction": "question", "output": "answer"}``; ``roles`` maps the
-file's role names to system/user/assistant, e.g. ``{"bot": "assistant"}``.
+``columns`` maps a field name of the table (or ``role``, ``content``, ``weight`` inside a message)
+to the file's own column, e.g. ``{"instruction": "question", "output": "answer"}``; ``roles`` maps
+the file's role names to system/user/assistant, e.g. ``{"bot": "assistant"}``.
 """
 
 from __future__ import annotations
@@ -31,33 +23,12 @@ import json
 import re
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-# The columns that identify each format (the first matching wins ties, so put specific first).
-SIGNATURES = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
-# Field names a `columns` mapping may rename to: top-level columns, then keys inside a message.
-COLUMNS = (
-    "messages",
-    "conversations",
-    "system",
-    "instruction",
-    "input",
-    "output",
-    "history",
-    "prompt",
-    "completion",
-    "text",
-)
 MESSAGE_KEYS = ("role", "content", "weight")
 # Columns holding a list, which CSV can only store as JSON text.
 _LIST_COLUMNS = ("messages", "conversations", "history")
@@ -413,16 +384,18 @@ def _read_parquet(path: Path) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 
 
-def detect_format(rows: list[Row], where: str) -> str:
-    """The format whose columns most rows have (ties: the order of SIGNATURES)."""
+def detect_format(rows: list[Row], where: str, formats: tuple | None = None) -> str:
+    """The format whose signature columns most rows have. formats: the DataFormats to choose
+    from (default: the SFT ones, `--format auto`); ties go to the first in detection order."""
+    candidates = sorted(formats or SFT_FORMATS, key=lambda f: f.priority)
     votes: Counter[str] = Counter()
     columns: set[str] = set()
     for row in rows:
         if isinstance(row.data, dict):
             columns.update(row.data)
-            for fmt, keys in SIGNATURES.items():
-                if all(k in row.data for k in keys):
-                    votes[fmt] += 1
+            for fmt in candidates:
+                if all(k in row.data for k in fmt.signature):
+                    votes[fmt.name] += 1
                     break
     if not any(isinstance(row.data, dict) for row in rows):
         # Nothing parsed (a binary file, another text format): columns are not the problem.
@@ -434,12 +407,12 @@ def detect_format(rows: list[Row], where: str) -> str:
         )
     if not votes:
         found = ", ".join(sorted(columns)) or "none"
+        expected = or_list([f.hint for f in candidates])
         raise DataError(
-            f"{where}: cannot tell the format from the columns ({found}); expected messages, "
-            "conversations (sharegpt), instruction+output (alpaca), prompt+completion or text "
+            f"{where}: cannot tell the format from the columns ({found}); expected {expected} "
             "— or pass --format, or map your columns"
         )
-    return max(SIGNATURES, key=lambda fmt: votes[fmt])
+    return max((f.name for f in candidates), key=lambda name: votes[name])
 
 
 def _type_name(value: object) -> str:
@@ -620,50 +593,107 @@ def _convert(data: object, fmt: str, where: str, issues: list[Issue], roles: dic
     if not isinstance(data, dict):
         issues.append(Issue(where, f"expected a JSON object, got {_type_name(data)}"))
         return None
-    if fmt == "text":
-        return _string(data, "text", where, issues)
-    if fmt == "messages":
-        clean = _turns(data, "messages", where, issues, {**{r: r for r in ROLES}, **roles})
-        return clean if clean and _usable_conversation(clean, "messages", where, issues) else None
-    if fmt == "sharegpt":
-        system = _string(data, "system", where, issues, required=False)
-        clean = _turns(data, "conversations", where, issues, {**SHAREGPT_ROLES, **roles})
-        if clean is None or system is None:
+    spec = next((f for f in SFT_FORMATS if f.name == fmt), None)
+    if spec is None:
+        raise DataError(f"unknown format {fmt!r} (expected {', '.join(FORMATS)} or auto)")
+    return spec.convert(data, where, issues, roles)
+
+
+def _text(data: dict, where: str, issues: list[Issue], roles: dict[str, str]) -> str | None:
+    return _string(data, "text", where, issues)
+
+
+def _messages(data: dict, where: str, issues: list[Issue], roles: dict[str, str]):
+    clean = _turns(data, "messages", where, issues, {**{r: r for r in ROLES}, **roles})
+    return clean if clean and _usable_conversation(clean, "messages", where, issues) else None
+
+
+def _sharegpt(data: dict, where: str, issues: list[Issue], roles: dict[str, str]):
+    system = _string(data, "system", where, issues, required=False)
+    clean = _turns(data, "conversations", where, issues, {**SHAREGPT_ROLES, **roles})
+    if clean is None or system is None:
+        return None
+    if system.strip():
+        if clean[0]["role"] == "system" and clean[0]["content"] != system:
+            msg = "a system turn and a different top-level system: keep one"
+            issues.append(Issue(where, msg, "system"))
             return None
-        if system.strip():
-            if clean[0]["role"] == "system" and clean[0]["content"] != system:
-                msg = "a system turn and a different top-level system: keep one"
-                issues.append(Issue(where, msg, "system"))
-                return None
-            if clean[0]["role"] != "system":
-                clean = [{"role": "system", "content": system}, *clean]
-        return clean if _usable_conversation(clean, "conversations", where, issues) else None
-    if fmt == "alpaca":
-        instruction = _string(data, "instruction", where, issues)
-        extra = _string(data, "input", where, issues, required=False)
-        system = _string(data, "system", where, issues, required=False)
-        history = _history(data, where, issues)
-        output = _string(data, "output", where, issues, what="empty completion")
-        if issues:
+        if clean[0]["role"] != "system":
+            clean = [{"role": "system", "content": system}, *clean]
+    return clean if _usable_conversation(clean, "conversations", where, issues) else None
+
+
+def _alpaca(data: dict, where: str, issues: list[Issue], roles: dict[str, str]):
+    instruction = _string(data, "instruction", where, issues)
+    extra = _string(data, "input", where, issues, required=False)
+    system = _string(data, "system", where, issues, required=False)
+    history = _history(data, where, issues)
+    output = _string(data, "output", where, issues, what="empty completion")
+    if issues:
+        return None
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    conversation = [{"role": "system", "content": system}] if system else []
+    return [
+        *conversation,
+        *history,
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": output},
+    ]
+
+
+def _prompt_completion(data: dict, where: str, issues: list[Issue], roles: dict[str, str]):
+    prompt = _string(data, "prompt", where, issues)
+    completion = _string(data, "completion", where, issues, what="empty completion")
+    if issues:
+        return None
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": completion},
+    ]
+
+
+def _preference(data: dict, where: str, issues: list[Issue], roles: dict[str, str]):
+    """A prompt/chosen/rejected row as TRL's conversational pair: {"prompt": [messages],
+    "chosen": [assistant messages], "rejected": [...]} (roles are not mapped: fixed layout)."""
+    keys = PREFERENCE.signature
+    pair = {}
+    for key in keys:
+        if key not in data:
+            issues.append(Issue(where, f"missing (a preference row needs {', '.join(keys)})", key))
             return None
-        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        conversation = [{"role": "system", "content": system}] if system else []
-        return [
-            *conversation,
-            *history,
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": output},
-        ]
-    if fmt == "prompt_completion":
-        prompt = _string(data, "prompt", where, issues)
-        completion = _string(data, "completion", where, issues, what="empty completion")
-        if issues:
+        pair[key], reason = _preference_turns(data[key], answer=key != "prompt")
+        if reason:
+            issues.append(Issue(where, reason, key))
             return None
-        return [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": completion},
-        ]
-    raise DataError(f"unknown format {fmt!r} (expected {', '.join(FORMATS)} or auto)")
+    if pair["chosen"] == pair["rejected"]:
+        msg = "the same as rejected (a pair must prefer one answer to another)"
+        issues.append(Issue(where, msg, "chosen"))
+        return None
+    return pair
+
+
+def _preference_turns(value: object, answer: bool) -> tuple[list[dict] | None, str | None]:
+    """(messages, None) for a usable prompt or answer, else (None, reason)."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None, "empty"
+        return [{"role": "assistant" if answer else "user", "content": value}], None
+    if not isinstance(value, list) or not value:
+        return None, f"must be a non-empty string or a list of messages, got {type(value).__name__}"
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
+            return None, f"message {i}: must be an object with role and content"
+        if m["role"] not in ROLES:
+            return None, f"message {i}: role {m['role']!r} is not one of {', '.join(ROLES)}"
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            return None, f"message {i}: empty content"
+        out.append({"role": m["role"], "content": m["content"]})
+    if answer and any(m["role"] != "assistant" for m in out):
+        return None, "answer messages must all be assistant turns"
+    if not answer and out[-1]["role"] != "user":
+        return None, f"the last prompt message must be a user turn, got {out[-1]['role']}"
+    return out, None
 
 
 def _file_field(name: str | None, columns: dict[str, str]) -> str | None:
@@ -690,3 +720,173 @@ def mark_duplicates(rows: list[Row], conversations: list) -> None:
         else:
             number = row.where.rsplit(":", 1)[-1]
             first[key] = number if number.startswith("row") else f"line {number}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The formats: one table (detection, --format's help and the dashboard read it)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One row layout a dataset may use."""
+
+    name: str  # what --format takes
+    columns: tuple[str, ...]  # every top-level column it reads, in the order documented
+    signature: tuple[str, ...]  # the columns that identify it (auto-detection)
+    description: str  # one line for people: what each column holds
+    example: dict  # a row in this format (shown on the dashboard, checked by the tests)
+    # (row, where, issues, roles) -> the converted row, or None with issues appended
+    convert: Callable[[dict, str, list[Issue], dict[str, str]], object]
+    priority: int  # detection order when a row has several signatures (specific first)
+    known_as: str = ""  # another name, shown in --format's help
+    method: str = "sft"  # "sft" (lora, qlora: --format) or "dpo" (preference pairs)
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        """The columns a row may leave out."""
+        return tuple(c for c in self.columns if c not in self.signature)
+
+    @property
+    def label(self) -> str:
+        """The name with its other name: "messages (OpenAI chat)"."""
+        return f"{self.name} ({self.known_as})" if self.known_as else self.name
+
+    @property
+    def hint(self) -> str:
+        """Its signature, as a detection error names it: "instruction+output (alpaca)"."""
+        columns = "+".join(self.signature)
+        same = "_".join(self.signature) == self.name
+        return columns if same else f"{columns} ({self.name})"
+
+
+DATA_FORMATS = (
+    DataFormat(
+        "alpaca",
+        ("instruction", "input", "output", "system", "history"),
+        ("instruction", "output"),
+        "instruction, optional input, system and history (a list of [instruction, response] "
+        "pairs: the earlier turns of the conversation), output",
+        {"instruction": "Name a prime number.", "input": "", "output": "7"},
+        _alpaca,
+        priority=2,
+    ),
+    DataFormat(
+        "messages",
+        ("messages",),
+        ("messages",),
+        'messages, a list of {"role", "content"} ending with an assistant turn (an assistant '
+        'message with "weight": 0 is context only, not trained on)',
+        {
+            "messages": [
+                {"role": "user", "content": "What is 2 + 2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
+        _messages,
+        priority=0,
+        known_as="OpenAI chat",
+    ),
+    DataFormat(
+        "sharegpt",
+        ("conversations", "system"),
+        ("conversations",),
+        'conversations, a list of {"from", "value"} (from: human/user, gpt/assistant/model, '
+        "system), optional top-level system",
+        {
+            "conversations": [
+                {"from": "human", "value": "Say hi."},
+                {"from": "gpt", "value": "Hi!"},
+            ]
+        },
+        _sharegpt,
+        priority=1,
+    ),
+    DataFormat(
+        "prompt_completion",
+        ("prompt", "completion"),
+        ("prompt", "completion"),
+        "prompt, completion",
+        {"prompt": "The capital of France is", "completion": " Paris."},
+        _prompt_completion,
+        priority=3,
+    ),
+    DataFormat(
+        "text",
+        ("text",),
+        ("text",),
+        "text (plain language modelling: every token is trained on)",
+        {"text": "A LoRA adapter adds two small matrices to a frozen layer."},
+        _text,
+        priority=4,
+    ),
+    DataFormat(
+        "preference",
+        ("prompt", "chosen", "rejected"),
+        ("prompt", "chosen", "rejected"),
+        "prompt, chosen, rejected: strings, or a prompt that is a list of "
+        '{"role", "content"} messages and answers that are lists of assistant messages',
+        {"prompt": "Explain LoRA briefly.", "chosen": "Low-rank adapters.", "rejected": "No."},
+        _preference,
+        priority=5,
+        method="dpo",
+    ),
+)
+SFT_FORMATS = tuple(f for f in DATA_FORMATS if f.method == "sft")
+FORMATS = tuple(f.name for f in SFT_FORMATS)  # what --format takes, besides auto
+PREFERENCE = next(f for f in DATA_FORMATS if f.method == "dpo")
+# Field names a `columns` mapping may rename to: top-level columns, then keys inside a message.
+COLUMNS = tuple(
+    dict.fromkeys(c for f in sorted(SFT_FORMATS, key=lambda f: f.priority) for c in f.columns)
+)
+
+
+def or_list(items: list[str]) -> str:
+    """ "a, b or c"."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+def format_help() -> str:
+    """`--format`'s help: auto and every SFT format."""
+    return f"auto, {or_list([f.label for f in SFT_FORMATS])}."
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference rows (--method dpo)
+# ---------------------------------------------------------------------------------------------
+
+
+class PreferenceDataError(DataError):
+    """A preference file that cannot be trained on; one line naming file:line and the key."""
+
+
+def check_preference_row(row: Row) -> tuple[dict | None, str | None]:
+    """(the row as TRL conversational messages, None), or (None, "key: reason")."""
+    if not row.ok:
+        return None, row.issues[0].reason
+    if not isinstance(row.data, dict):
+        return None, f"expected an object with {', '.join(PREFERENCE.signature)}"
+    issues: list[Issue] = []
+    pair = PREFERENCE.convert(row.data, row.where, issues, {})
+    return (None, issues[0].reason) if issues else (pair, None)
+
+
+def read_preferences(path: str | Path, skip_invalid: bool = False, echo=print) -> list[dict]:
+    """Every usable pair of a .jsonl/.json/.csv/.parquet file; the first bad row stops it
+    (PreferenceDataError "file:line: key: reason"), unless skip_invalid drops bad rows."""
+    pairs, bad = [], []
+    for row in read_rows(path):
+        pair, reason = check_preference_row(row)
+        if reason:
+            bad.append(f"{row.where}: {reason}")
+        else:
+            pairs.append(pair)
+    if bad and not skip_invalid:
+        more = f" (and {plural(len(bad) - 1, 'more invalid row')})" if len(bad) > 1 else ""
+        raise PreferenceDataError(f"{bad[0]}{more}; fix it, or pass --skip-invalid")
+    if bad:
+        echo(f"{path}: skipped {plural(len(bad), 'invalid row')}, the first: {bad[0]}")
+    if not pairs:
+        keys = ", ".join(PREFERENCE.signature)
+        raise PreferenceDataError(f"{path}: no usable preference rows ({keys})")
+    return pairs

@@ -1,51 +1,58 @@
 """`genai-lab finetune --method dpo`: preference tuning of a LoRA adapter with TRL's DPOTrainer.
 
-Data rows are ``{"prompt", "chosen", "rejected"}``: strings, or (chat style) a prompt that is a
-list of ``{"role", "content"}`` messages and answers that are strings or lists of assistant
-messages. Every row becomes a conversation, so the model's chat template renders it, as in SFT.
-The frozen base is the reference policy (the adapter switched off), so no second model is
-loaded. The run folder is the SFT one (checkpoints, adapter/, config.yaml, report.json, resume);
-the report adds DPO's reward accuracy and margin on held-out pairs before and after training.
+Data rows are ``{"prompt", "chosen", "rejected"}`` (finetune.data's ``preference`` format):
+strings, or (chat style) a prompt that is a list of ``{"role", "content"}`` messages and answers
+that are strings or lists of assistant messages. Every row becomes a conversation, so the model's
+chat template renders it, as in SFT. The frozen base is the reference policy (the adapter switched
+off), so no second model is loaded. The run (checkpoints, adapter/, config.yaml, report.json,
+resume) is `finetune.run`'s, as for SFT; the report adds DPO's reward accuracy and margin on
+held-out pairs before and after training.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
-from transformers import EarlyStoppingCallback
-from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from core.atomic import write_text_atomic
-from finetune.base_model import (
-    check_target_modules,
-    default_target_modules,
-    load_base_model,
-    load_config,
-    load_tokenizer,
-    model_label,
-    pick_device,
-)
+from finetune.base_model import load_base_model, load_config, load_tokenizer, pick_device
 from finetune.config import FinetuneConfig
-from finetune.data import ROLES, DataError, Row, plural, read_rows
+from finetune.data import (
+    PREFERENCE,
+    PreferenceDataError,
+    plural,
+    read_preferences,
+)
 from finetune.render import ensure_chat_template
 from finetune.report import plot_loss_curve, read_metrics
+from finetune.run import (
+    Run,
+    adapter_meta,
+    evaluate_before,
+    finish,
+    lora_config,
+    make_trainer,
+    record_settings,
+    resolve_max_length,
+    run_callbacks,
+    run_report,
+    run_training,
+    save_adapter,
+    start_run,
+    total_steps,
+    trainer_arguments,
+)
 
-KEYS = ("prompt", "chosen", "rejected")
+KEYS = PREFERENCE.signature  # prompt, chosen, rejected
 # What TRL logs at each evaluation (prefixed "eval_"): the implicit reward beta * log(pi / ref)
 # of each answer, the share of pairs where chosen beats rejected, and the mean gap.
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
-
-
-class PreferenceDataError(DataError):
-    """A preference file that cannot be trained on; one line naming file:line and the key."""
 
 
 @dataclass
@@ -58,70 +65,8 @@ class PreferenceData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# Data (the rows are read and checked by finetune.data: read_preferences)
 # ---------------------------------------------------------------------------------------------
-
-
-def _messages(value: object, key: str, answer: bool) -> tuple[list[dict] | None, str | None]:
-    """(messages, None) for a usable prompt or answer, else (None, reason)."""
-    if isinstance(value, str):
-        if not value.strip():
-            return None, "empty"
-        return [{"role": "assistant" if answer else "user", "content": value}], None
-    if not isinstance(value, list) or not value:
-        return None, f"must be a non-empty string or a list of messages, got {type(value).__name__}"
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
-            return None, f"message {i}: must be an object with role and content"
-        if m["role"] not in ROLES:
-            return None, f"message {i}: role {m['role']!r} is not one of {', '.join(ROLES)}"
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            return None, f"message {i}: empty content"
-        out.append({"role": m["role"], "content": m["content"]})
-    if answer and any(m["role"] != "assistant" for m in out):
-        return None, "answer messages must all be assistant turns"
-    if not answer and out[-1]["role"] != "user":
-        return None, f"the last prompt message must be a user turn, got {out[-1]['role']}"
-    return out, None
-
-
-def check_preference_row(row: Row) -> tuple[dict | None, str | None]:
-    """(the row as TRL conversational messages, None), or (None, "key: reason")."""
-    if not row.ok:
-        return None, row.issues[0].reason
-    if not isinstance(row.data, dict):
-        return None, f"expected an object with {', '.join(KEYS)}"
-    pair = {}
-    for key in KEYS:
-        if key not in row.data:
-            return None, f"{key}: missing (a preference row needs {', '.join(KEYS)})"
-        pair[key], reason = _messages(row.data[key], key, answer=key != "prompt")
-        if reason:
-            return None, f"{key}: {reason}"
-    if pair["chosen"] == pair["rejected"]:
-        return None, "chosen: the same as rejected (a pair must prefer one answer to another)"
-    return pair, None
-
-
-def read_preferences(path: str | Path, skip_invalid: bool = False, echo=print) -> list[dict]:
-    """Every usable pair of a .jsonl/.json/.csv/.parquet file; the first bad row stops it
-    (PreferenceDataError "file:line: key: reason"), unless skip_invalid drops bad rows."""
-    pairs, bad = [], []
-    for row in read_rows(path):
-        pair, reason = check_preference_row(row)
-        if reason:
-            bad.append(f"{row.where}: {reason}")
-        else:
-            pairs.append(pair)
-    if bad and not skip_invalid:
-        more = f" (and {plural(len(bad) - 1, 'more invalid row')})" if len(bad) > 1 else ""
-        raise PreferenceDataError(f"{bad[0]}{more}; fix it, or pass --skip-invalid")
-    if bad:
-        echo(f"{path}: skipped {plural(len(bad), 'invalid row')}, the first: {bad[0]}")
-    if not pairs:
-        raise PreferenceDataError(f"{path}: no usable preference rows ({', '.join(KEYS)})")
-    return pairs
 
 
 def _check_lengths(path, pairs: list[dict], tokenizer, max_length: int, truncate: bool) -> None:
@@ -141,8 +86,6 @@ def _check_lengths(path, pairs: list[dict], tokenizer, max_length: int, truncate
 
 def prepare_preferences(cfg: FinetuneConfig, echo=print) -> PreferenceData:
     """Load the tokenizer (not the model), check every pair, split train/eval as SFT does."""
-    from finetune.train import resolve_max_length
-
     cfg.validate()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     template = ensure_chat_template(tokenizer, cfg.chat_template)
@@ -192,37 +135,26 @@ def _rewards(metrics: dict) -> dict:
     return {names[k.split("/")[1]]: float(metrics[f"eval_{k}"]) for k in REWARDS}
 
 
-def build_dpo_trainer(cfg, data: PreferenceData, model, device: str, out_dir: Path, callbacks):
+def build_dpo_trainer(run: Run, data: PreferenceData, model, device: str, callbacks):
     """DPOTrainer with the SFT run's schedule, checkpoints and best-by-eval-loss adapter; the
     LoRA adapter is added by TRL (peft_config), so the reference is the base with it off."""
-    from finetune.train import _tensorboard_dir, _trainer_class, trainer_arguments
-
+    cfg = run.cfg
     args = DPOConfig(
-        **trainer_arguments(cfg, len(data.train), device, out_dir, data.max_length), beta=cfg.beta
+        **trainer_arguments(cfg, len(data.train), device, run.out_dir, data.max_length),
+        beta=cfg.beta,
     )
-    targets = cfg.target_modules or default_target_modules(model)
-    check_target_modules(model, targets)
-    lora = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
+    lora, targets = lora_config(cfg, model)
+    trainer = make_trainer(
+        run,
+        DPOTrainer,
+        args,
+        callbacks,
+        model=model,
+        train_dataset=_dataset(data.train),
+        eval_dataset=_dataset(data.eval),
+        processing_class=data.tokenizer,
+        peft_config=lora,
     )
-    if cfg.early_stopping_patience:
-        callbacks = [*callbacks, EarlyStoppingCallback(cfg.early_stopping_patience)]
-    with _tensorboard_dir(out_dir / "tensorboard"):
-        trainer = _trainer_class(DPOTrainer)(
-            model=model,
-            args=args,
-            train_dataset=_dataset(data.train),
-            eval_dataset=_dataset(data.eval),
-            processing_class=data.tokenizer,
-            peft_config=lora,
-            callbacks=callbacks,
-        )
-    trainer.remove_callback(PrinterCallback)
     return trainer, targets
 
 
@@ -235,71 +167,37 @@ def run_dpo(
 ) -> dict:
     """Check the pairs, train the adapter with DPO, evaluate before and after, save the best
     adapter and report.json / report.md (with the rewards on held-out pairs)."""
-    from finetune.train import (
-        _CHECKPOINT,
-        _best,
-        _callbacks,
-        _final_eval,
-        _steps,
-        is_main_process,
-        read_totals,
-        record_settings,
-        resume_checkpoint,
-        save_adapter,
-    )
-
-    out_dir = Path(cfg.output_dir)
-    main = is_main_process()
-    say = echo if main else (lambda *_: None)
-    checkpoint = resume_checkpoint(cfg, out_dir, resume)
-
+    run = start_run(cfg, resume, echo)
+    say = run.say
     data = prepare_preferences(cfg, say)
     device = pick_device(cfg.device)
-    record_settings(cfg, out_dir, checkpoint)
+    record_settings(cfg, run.out_dir, run.checkpoint)
     torch.manual_seed(cfg.seed)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     say(f"loading {cfg.model} (full precision) on {device}; beta {cfg.beta:g}")
     model = load_base_model(cfg.model, False, device, None, trust_remote_code=cfg.trust_remote_code)
 
-    resume_step = int(_CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else None
     # DPO's eval loss is -log sigmoid(margin), not a cross-entropy: no perplexity is printed.
-    callbacks = _callbacks(out_dir, resume_step, progress, say, perplexity=False)
-    trainer, targets = build_dpo_trainer(cfg, data, model, device, out_dir, callbacks)
-    trainable, total_params = trainer.model.get_nb_trainable_parameters()
+    callbacks = run_callbacks(run.out_dir, run.resume_step, progress, say, perplexity=False)
+    trainer, targets = build_dpo_trainer(run, data, model, device, callbacks)
+    trainable, _ = trainer.model.get_nb_trainable_parameters()
     say(f"LoRA rank {cfg.lora_rank} on {', '.join(targets)}: {trainable:,} trainable parameters")
-    trainer.prior_loss_sum, trainer.prior_seconds = read_totals(checkpoint)
-    total = _steps(cfg, len(data.train))
+    total = total_steps(cfg, len(data.train))
     say(f"evaluating {plural(len(data.eval), 'pair')}; {total} steps")
 
-    before_file = out_dir / "eval_before.json"
-    if checkpoint is None:
-        before = trainer.evaluate()
-        if main:  # atomic: a kill right now must not leave half a file for --resume
-            write_text_atomic(before_file, json.dumps(before) + "\n")
-    else:
-        before = json.loads(before_file.read_text())
-        say(f"resuming from {checkpoint} (step {resume_step})")
+    before = evaluate_before(trainer, run)
     say(f"before training: DPO loss {before['eval_loss']:.4f}, {_fmt(_rewards(before))}")
-
-    trainer.started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    state = trainer.state
-    steps_run = state.global_step - (resume_step or 0)
-    train_loss = (trainer.prior_loss_sum + result.training_loss * steps_run) / max(
-        state.global_step, 1
-    )
-    train_seconds = trainer.prior_seconds + time.perf_counter() - trainer.started
-    last = _final_eval(trainer)
-    best = _best(trainer, last)
+    trained = run_training(trainer, run)
+    best = trained.best
     # The rewards of the adapter kept (the best checkpoint's, loaded back at the end).
     after_metrics = next(
         (
             h
-            for h in state.log_history
+            for h in trained.state.log_history
             if h.get("step") == best["step"] and "eval_rewards/margins" in h
         ),
-        last,
+        trained.last,
     )
     before_r, after_r = _rewards(before), _rewards(after_metrics)
     say(f"after training: DPO loss {best['eval_loss']:.4f}, {_fmt(after_r)} (step {best['step']})")
@@ -307,51 +205,28 @@ def run_dpo(
         say(
             "warning: the reward margin on held-out pairs did not grow; the adapter learned no preference"
         )
-    if not main:
+    if not run.main:
         return {}
 
-    peft_model = trainer.model
-    meta = {
-        "base_model": model_label(cfg.model),
-        "method": cfg.method,
-        "beta": cfg.beta,
-        "format": "preference",
-        "chat_template": data.template,
-        "target_modules": targets,
-        "step": best["step"],
-        "eval_loss": best["eval_loss"],
-        "sample_prompts": [],
-    }
-    adapter_dir = save_adapter(peft_model, data.tokenizer, out_dir / "adapter", meta)
-    report = {
-        "model": cfg.model,
-        "method": cfg.method,
-        "beta": cfg.beta,
-        "device": device,
-        "processes": trainer.args.world_size,
-        "adapter": str(adapter_dir),
-        "adapter_step": best["step"],
-        "steps": state.global_step,
-        "max_steps": state.max_steps,
-        "train_pairs": len(data.train),
-        "eval_pairs": len(data.eval),
-        "trainable_parameters": trainable,
-        "total_parameters": total_params - trainable,
-        "eval_loss_before": before["eval_loss"],  # DPO loss; log(2) = 0.693 with no adapter
-        "eval_loss_after": best["eval_loss"],
-        "eval_loss_last": last["eval_loss"],
-        "rewards_before": before_r,
-        "rewards_after": after_r,
-        "train_loss": train_loss,
-        "train_seconds": train_seconds,
-        "peak_gpu_memory_bytes": (
-            torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-        ),
-        "config": asdict(cfg),
-    }
-    write_dpo_report(report, out_dir)
-    say(f"adapter: {adapter_dir} (step {best['step']}); report: {out_dir / 'report.md'}")
-    return report
+    meta = adapter_meta(run, {"beta": cfg.beta}, PREFERENCE.name, data.template, targets, best, [])
+    adapter_dir = save_adapter(trainer.model, data.tokenizer, run.out_dir / "adapter", meta)
+    report = run_report(
+        run,
+        trainer,
+        trained,
+        device,
+        adapter_dir,
+        before,  # DPO loss; log(2) = 0.693 with no adapter
+        settings={"beta": cfg.beta},
+        data={"train_pairs": len(data.train), "eval_pairs": len(data.eval)},
+        quality={"rewards_before": before_r, "rewards_after": after_r},
+        memory={
+            "peak_gpu_memory_bytes": (
+                torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+            )
+        },
+    )
+    return finish(run, report, write_dpo_report)
 
 
 def write_dpo_report(report: dict, out_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +14,7 @@ import pytest
 
 from core.lm.chat_format import stop_ids
 from core.lm.loader import resolve_model_path
+from core.train.config import ConfigError
 from finetune.base_model import load_tokenizer
 from finetune.config import FinetuneConfig
 from finetune.data import DataError, read_rows
@@ -119,6 +121,50 @@ def test_every_example_file_is_valid_and_its_format_detected(tokenizer):
         assert check.format == fmt, name
         assert not check.issues, [str(i) for i in check.issues]
         assert len(check.examples) == len(check.rows) >= 16
+
+
+def test_the_format_table_is_the_only_list_of_formats():
+    """finetune.data.DATA_FORMATS is where formats are declared: --format's choices and help,
+    auto-detection and the dashboard page are read from it, each example row is detected as its
+    own format and converts cleanly, and no other module spells the format names out."""
+    from dashboard.lib.finetune_lab import formats_markdown, upload_label
+    from finetune.data import (
+        COLUMNS,
+        DATA_FORMATS,
+        FORMATS,
+        SFT_FORMATS,
+        Row,
+        detect_format,
+        or_list,
+    )
+
+    names = [f.name for f in SFT_FORMATS]
+    assert list(FORMATS) == names and len(set(f.name for f in DATA_FORMATS)) == len(DATA_FORMATS)
+    help_text = next(f.metadata["help"] for f in fields(FinetuneConfig) if f.name == "format")
+    labels = [f"{f.name} ({f.known_as})" if f.known_as else f.name for f in SFT_FORMATS]
+    assert help_text == f"auto, {or_list(labels)}."
+    assert f"({or_list(names)};" in upload_label()  # the page's list of formats is the table's
+    assert re.findall(r"^\| `(\w+)` \|", formats_markdown(), flags=re.M) == names
+    with pytest.raises(ConfigError, match=f"must be one of auto, {', '.join(names)}$"):
+        FinetuneConfig(data="x.jsonl", format="chat").validate()
+    assert set(COLUMNS) == {c for f in SFT_FORMATS for c in f.columns}
+    for fmt in DATA_FORMATS:
+        assert set(fmt.signature) <= set(fmt.example) <= set(fmt.columns)
+        assert detect_format([Row("x:1", "", dict(fmt.example))], "x", DATA_FORMATS) == fmt.name
+        issues = []
+        converted = fmt.convert(dict(fmt.example), "x:1", issues, {})
+        assert converted and not issues, (fmt.name, [str(i) for i in issues])
+    # No other module lists the names by hand (the distinctive ones; "text" is a common word).
+    root = Path(__file__).parents[1]
+    spelled = [
+        str(path.relative_to(root))
+        for package in ("finetune", "dashboard", "chat", "core")
+        for path in (root / package).rglob("*.py")
+        if path != root / "finetune" / "data.py"
+        and any(f'"{name}"' in path.read_text(encoding="utf-8")
+                for name in ("sharegpt", "prompt_completion", "alpaca"))
+    ]  # fmt: skip
+    assert not spelled, spelled
 
 
 def test_parquet_rows_are_numbered(tmp_path, tokenizer):

@@ -11,7 +11,7 @@ import pytest
 
 from core.train.config import ConfigError
 from finetune.config import FinetuneConfig
-from finetune.dpo import PreferenceDataError, read_preferences
+from finetune.data import PreferenceDataError, read_preferences
 
 ROOT = Path(__file__).parents[1]
 PREFS = ROOT / "core" / "content" / "data"
@@ -121,7 +121,7 @@ def test_cli_check_reads_preference_pairs():
 
 def test_dpo_resume_continues_the_run_and_refuses_other_settings(tmp_path):
     from finetune.dpo import run_dpo as finetune
-    from finetune.train import complete_checkpoints
+    from finetune.run import complete_checkpoints
 
     train = _write(tmp_path / "train.jsonl", _pairs("prefs_train.jsonl", "rude", 16))
     held = _write(tmp_path / "eval.jsonl", _pairs("prefs_heldout.jsonl", "rude", 4))

@@ -132,6 +132,17 @@ def clean_run_folder(out_dir: Path) -> None:
             print(f"{folder}: left by a killed run: {'; '.join(done)}", file=sys.stderr)
 
 
+def refuse_unresumed_checkpoints(out_dir: Path, has_checkpoints: bool, resume: bool) -> None:
+    """A run folder that already holds checkpoints is continued only with --resume: without it,
+    FileExistsError (a new run must not train over, and then prune, another run's checkpoints).
+    Whatever the checkpoints are (ours, or a TRL trainer's in finetune), the rule is this one."""
+    if has_checkpoints and not resume:
+        raise FileExistsError(
+            f"{out_dir} already has checkpoints: pass --resume to continue, or pick another "
+            "--output-dir"
+        )
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """Newest complete checkpoint. Every stage calls this at start-up, so it first cleans up
     after a killed run (`clean_run_folder`); a step folder missing a file it needs (a pruning

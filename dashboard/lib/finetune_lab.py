@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from core.atomic import atomic_file
-from finetune.data import SUFFIXES
+from finetune.data import SFT_FORMATS, SUFFIXES, or_list
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = ROOT / "finetune" / "examples" / "data"
@@ -26,6 +26,22 @@ MODELS = ("tutor-base", "smollm2-135m-instruct")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a page upload is for small datasets; big ones: the CLI
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv")  # parquet is binary; the rest must be UTF-8
 PREVIEW_ROWS = 3
+
+
+def upload_label() -> str:
+    """The upload box's label: file types, every format the checker reads, the size limit."""
+    names = or_list([f.name for f in SFT_FORMATS])
+    return f"Rows as {', '.join(SUFFIXES)} ({names}; up to {MAX_UPLOAD_BYTES // 2**20} MB)"
+
+
+def formats_markdown() -> str:
+    """A table of the formats (finetune.data.DATA_FORMATS, the SFT ones): the columns that
+    identify each, what they hold, and an example row."""
+    lines = ["| format | columns | example row |", "| --- | --- | --- |"]
+    for f in SFT_FORMATS:
+        example = json.dumps(f.example, ensure_ascii=False).replace("|", "\\|")
+        lines.append(f"| `{f.name}` | {f.description} | `{example}` |")
+    return "\n".join(lines)
 
 
 class UploadError(ValueError):

@@ -16,7 +16,6 @@ from core.lm.loader import ModelLoadError
 from core.train.config import ConfigError
 from dashboard.lib import jobs
 from dashboard.lib.finetune_lab import (
-    MAX_UPLOAD_BYTES,
     MODELS,
     UploadError,
     build_argv,
@@ -24,10 +23,12 @@ from dashboard.lib.finetune_lab import (
     check_data,
     estimate,
     examples,
+    formats_markdown,
     loss_figure,
     read_report,
     save_upload,
     token_previews,
+    upload_label,
     zip_folder,
 )
 from finetune.data import SUFFIXES, DataError
@@ -187,6 +188,8 @@ if job is not None:
 # --- 1. data ------------------------------------------------------------------------------------
 st.subheader("1. Data")
 source = st.radio("Dataset", ["Bundled example", "Upload a file"], horizontal=True, key="ft_source")
+with st.expander("Data formats (detected from the columns)"):
+    st.markdown(formats_markdown())
 data_path: Path | None = None
 shown_name = ""
 if source == "Bundled example":
@@ -197,8 +200,7 @@ if source == "Bundled example":
     data_path, shown_name = bundled[name], name
 else:
     upload = st.file_uploader(
-        f"Rows as {', '.join(SUFFIXES)} (alpaca, messages, prompt/completion or text; up to "
-        f"{MAX_UPLOAD_BYTES // 2**20} MB)",
+        upload_label(),
         type=[s.lstrip(".") for s in SUFFIXES],
         key="ft_upload",
     )
