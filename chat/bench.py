@@ -16,14 +16,15 @@ from langchain_core.messages import HumanMessage
 
 from chat.chain import DEFAULT_SYSTEM_PROMPT, answer_budget, build_chain
 from chat.conversations import ChatStore
-from chat.local_model import ChatLocalModel, generation_config, prompt_ids
-from chat.providers import Sampling, load_chat_model
+from chat.local_model import ChatLocalModel, prompt_ids
+from chat.providers import load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession
 from core.content.tutor_data import contains_key_term
 from core.lm.chat_format import stop_ids
-from core.lm.generate import stream_tokens
+from core.lm.generate import generation_config, stream_tokens
 from core.lm.loader import BOT_ADAPTER, BOT_MODEL, is_adapter_folder
+from core.lm.sampling import SamplingParams
 from core.train.data import bundled_rows
 
 
@@ -51,7 +52,7 @@ def grounding_effect(model_spec: str, retriever, questions: list[tuple[str, str]
     """Key-term accuracy of greedy answers (core.content.tutor_data.contains_key_term) with and without
     the system prompt and the retrieved notes."""
 
-    backend = load_chat_model(model_spec, Sampling(temperature=0))
+    backend = load_chat_model(model_spec, SamplingParams(temperature=0))
     budget = answer_budget(backend.context_window)
     results = {}
     for name, system, grounded in [
@@ -83,7 +84,9 @@ def answer_cost(model_spec: str, new_tokens: int = 40, repeats: int = 5) -> dict
     stops = stop_ids(tokenizer, generation_config(lm))
 
     def core_loop() -> int:
-        tokens = stream_tokens(lm, ids, max_new_tokens=new_tokens, temperature=0.0, stop_ids=stops)
+        tokens = stream_tokens(
+            lm, ids, stop_ids=stops, sampling=SamplingParams(max_tokens=new_tokens, temperature=0.0)
+        )
         return len(list(tokens))
 
     def chat_model() -> int:
@@ -91,7 +94,7 @@ def answer_cost(model_spec: str, new_tokens: int = 40, repeats: int = 5) -> dict
 
     with tempfile.TemporaryDirectory() as tmp:
         store = ChatStore(f"{tmp}/bench.sqlite")
-        backend = load_chat_model(model_spec, Sampling(temperature=0, max_tokens=new_tokens))
+        backend = load_chat_model(model_spec, SamplingParams(temperature=0, max_tokens=new_tokens))
         turn = 0
 
         def chat_turn() -> int:

@@ -236,10 +236,11 @@ def evaluate_setup(
     import tempfile
 
     from chat.conversations import ChatStore
-    from chat.providers import Sampling, load_chat_model
+    from chat.providers import load_chat_model
     from chat.session import ChatSession
+    from core.lm.sampling import SamplingParams
 
-    backend = load_chat_model(setup.model, Sampling(temperature=0, max_tokens=max_tokens))
+    backend = load_chat_model(setup.model, SamplingParams(temperature=0, max_tokens=max_tokens))
     scorer = answer_scorer()
     results, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -192,8 +192,9 @@ def chat_command(
     # subcommand (and --help) registers this module at start-up.
     from chat.chain import default_system_prompt, notes_in_prompt
     from chat.conversations import ChatStore, default_db_path
-    from chat.providers import Sampling, default_chat_model
+    from chat.providers import default_chat_model
     from chat.session import ChatSession
+    from core.lm.sampling import SamplingParams
 
     notes_in_prompt(grounding, 0)  # an unknown mode fails before anything loads
     if once is not None and history:
@@ -205,8 +206,13 @@ def chat_command(
     if once is not None and not once.strip():
         raise ValueError("empty message: --once needs some text")
     _quiet_libraries()
-    sampling = Sampling(
-        temperature, top_k, top_p, max_tokens, seed, repetition_penalty=repetition_penalty
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
     )
     model = model or default_chat_model()
     session = ChatSession(

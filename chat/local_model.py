@@ -12,8 +12,8 @@ Closing the stream stops the model: no token is computed after the reader stops.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
@@ -33,8 +33,9 @@ from pydantic import Field
 
 from core.lm.chat_format import encode_prompt, stop_ids
 from core.lm.engines import prepare
-from core.lm.generate import model_context, stream_steps, stream_text
+from core.lm.generate import generation_config, model_context, stream_steps, stream_text
 from core.lm.loader import load, resolve
+from core.lm.sampling import SamplingParams
 
 # Per-call overrides accepted by invoke/stream (e.g. `model.invoke(msgs, temperature=0)`).
 _CALL_OPTIONS = (
@@ -51,16 +52,6 @@ FALLBACK_CONTEXT = 2048  # for a transformers config that names no context lengt
 # repeating one sentence) runs to the end of its context: 8k tokens of the same line. 512 tokens
 # (~380 words) is longer than any answer the shipped bots are trained to give.
 DEFAULT_MAX_TOKENS = 512
-
-
-def check_repetition_penalty(value: float | None) -> None:
-    """A penalty must be a finite number > 0 (1.0: none); core's one decoding loop applies it
-    (core.lm.sampling.apply_repetition_penalty), checked up front so a bad value fails before a
-    model loads."""
-    if value is None or value == 1.0:
-        return
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"repetition_penalty must be a number > 0 (1.0: none), got {value!r}")
 
 
 @lru_cache(maxsize=4)
@@ -84,12 +75,6 @@ def context_window(lm, tokenizer) -> int:
         limit = tokenizer.model_max_length
         n = limit if limit < 1_000_000 else FALLBACK_CONTEXT
     return int(n)
-
-
-def generation_config(lm):
-    """Where a model's end-of-answer ids are listed (transformers' generation config, else the
-    model config)."""
-    return getattr(lm, "generation_config", None) or lm.config
 
 
 def message_dicts(messages: list[BaseMessage]) -> list[dict[str, str]]:
@@ -252,25 +237,25 @@ class ChatLocalModel(BaseChatModel):
                 f"unsupported option(s) {', '.join(unknown)} (known: {', '.join(_CALL_OPTIONS)})"
             )
         opts = {k: kwargs.get(k, getattr(self, k)) for k in _CALL_OPTIONS}
-        check_repetition_penalty(opts["repetition_penalty"])
-        lm, tokenizer = self.load()
-        ids = prompt_ids(tokenizer, messages)
-        context = context_window(lm, tokenizer)
-        limit = opts["max_tokens"] or DEFAULT_MAX_TOKENS
-        penalty = opts["repetition_penalty"]
-        # passed only when on, so the loop's signature needs it only when someone uses it
-        extra = {"repetition_penalty": penalty} if penalty not in (None, 1.0) else {}
-        steps = stream_steps(
-            lm,
-            ids,
-            max_new_tokens=limit,
+        sampling = SamplingParams(  # checked here, before the model loads
             temperature=opts["temperature"],
             top_k=opts["top_k"],
             top_p=opts["top_p"],
+            repetition_penalty=opts["repetition_penalty"],
             seed=opts["seed"],
-            stop_ids=stop_ids(tokenizer, generation_config(lm)),
+            max_tokens=opts["max_tokens"],
+        )
+        limit = sampling.max_tokens or DEFAULT_MAX_TOKENS
+        sampling = replace(sampling, max_tokens=limit)
+        lm, tokenizer = self.load()
+        ids = prompt_ids(tokenizer, messages)
+        context = context_window(lm, tokenizer)
+        steps = stream_steps(
+            lm,
+            ids,
+            sampling,
             top_n=max(opts["top_alternatives"], 1),
-            **extra,
+            stop_ids=stop_ids(tokenizer, generation_config(lm)),
         )
         # stream_text turns ids into safe text pieces; `pending` remembers which generated
         # steps each piece came from, so every step lands in exactly one chunk.

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from langchain.chat_models import init_chat_model
 from langchain.chat_models.base import _BUILTIN_PROVIDERS
 from langchain_core.language_models import BaseChatModel
@@ -30,7 +29,6 @@ from langchain_core.messages.utils import count_tokens_approximately
 from chat.local_model import (
     DEFAULT_MAX_TOKENS,
     ChatLocalModel,
-    check_repetition_penalty,
     context_window,
 )
 from core.lm.loader import (
@@ -42,14 +40,15 @@ from core.lm.loader import (
     is_adapter_folder,
     resolve,
 )
-from core.lm.sampling import filter_logits
+from core.lm.sampling import SamplingParams
 
 __all__ = [
+    "CHAT_SAMPLING",
     "DEFAULT_MAX_TOKENS",
     "SPEC_HELP",
     "ChatBackend",
     "ModelSpecError",
-    "Sampling",
+    "SamplingParams",
     "load_chat_model",
 ]
 
@@ -73,18 +72,9 @@ PROVIDER_KEYS = {
 DEFAULT_HOSTED_CONTEXT = 8192
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings shared by every backend; temperature 0 is greedy. Local models answer
-    at most DEFAULT_MAX_TOKENS tokens when `max_tokens` is None (hosted ones: the provider's
-    limit)."""
-
-    temperature: float = 0.7
-    top_k: int | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    repetition_penalty: float | None = None  # > 1 discourages repeats; local models only
+# The chat's default settings: a little randomness, answers of at most DEFAULT_MAX_TOKENS tokens
+# on local models when max_tokens is None (hosted ones: the provider's limit).
+CHAT_SAMPLING = SamplingParams(temperature=0.7)
 
 
 @dataclass
@@ -110,21 +100,17 @@ def default_chat_model() -> str:
     return BOT_MODEL if is_adapter_folder(BOT_ADAPTER) else "tutor"
 
 
-def load_chat_model(spec: str, sampling: Sampling | None = None) -> ChatBackend:
-    """Resolve a model spec (see the module docstring) into a ready chat model."""
-    sampling = sampling or Sampling()
-    # core's argument checks, so a bad setting fails here with core's message, for every backend
-    filter_logits(torch.zeros(1), sampling.temperature, sampling.top_k, sampling.top_p)
-    if sampling.max_tokens is not None and sampling.max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {sampling.max_tokens}")
-    check_repetition_penalty(sampling.repetition_penalty)
+def load_chat_model(spec: str, sampling: SamplingParams | None = None) -> ChatBackend:
+    """Resolve a model spec (see the module docstring) into a ready chat model. `sampling` was
+    checked when it was made (SamplingParams), so a bad setting has already failed."""
+    sampling = sampling or CHAT_SAMPLING
     resolved = resolve(spec)
     if resolved.hosted:
         return _provider(resolved.spec, sampling)
     return _local(resolved, sampling)
 
 
-def _local(resolved: ModelSpec, sampling: Sampling) -> ChatBackend:
+def _local(resolved: ModelSpec, sampling: SamplingParams) -> ChatBackend:
     model = ChatLocalModel(
         model=resolved.spec,
         temperature=sampling.temperature,
@@ -145,7 +131,7 @@ def _local(resolved: ModelSpec, sampling: Sampling) -> ChatBackend:
     )
 
 
-def _provider(spec: str, sampling: Sampling) -> ChatBackend:
+def _provider(spec: str, sampling: SamplingParams) -> ChatBackend:
     provider, model_name = spec.split(":", 1)  # resolve() checked the provider:model shape
     provider = provider.replace("-", "_").lower()
     if provider not in _BUILTIN_PROVIDERS:

@@ -27,6 +27,7 @@ from core.lm.loader import (
     resolve,
 )
 from core.lm.loader import read_adapter_meta as read_meta
+from core.lm.sampling import SamplingParams
 from finetune.base_model import load_base_model, load_tokenizer, pick_device
 
 __all__ = ["ADAPTER_META", "load_adapter", "load_for_generation", "load_spec", "read_adapter_meta"]
@@ -147,11 +148,7 @@ def stream_generate(
     model,
     tokenizer,
     prompt: str,
-    max_new_tokens: int = 64,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
+    sampling: SamplingParams = SamplingParams(temperature=0.8, max_tokens=64),
     chat: bool = False,
 ) -> Iterator[str]:
     """Text pieces as they are generated (never half a UTF-8 character)."""
@@ -160,11 +157,7 @@ def stream_generate(
     tokens = stream_tokens(
         model,
         encode_prompt(tokenizer, prompt, chat),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
+        sampling,
         stop_ids=stop_ids(tokenizer, model.generation_config),
     )
     yield from stream_text(tokenizer, tokens)
@@ -176,8 +169,7 @@ def complete(model, tokenizer, prompt_text: str, max_new_tokens: int = 48) -> st
     tokens = generate(
         model,
         ids,
-        max_new_tokens=max_new_tokens,
-        temperature=0.0,
         stop_ids=stop_ids(tokenizer, model.generation_config),
+        sampling=SamplingParams(max_tokens=max_new_tokens, temperature=0.0),
     )
     return tokenizer.decode(tokens, skip_special_tokens=True)

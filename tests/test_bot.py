@@ -26,12 +26,13 @@ from chat.bot import (
     training_rows,
 )
 from chat.conversations import ChatStore
-from chat.providers import Sampling, load_chat_model
+from chat.providers import load_chat_model
 from chat.retrieval import EXAMPLE_WEIGHT, RELEVANCE_THRESHOLD, ConceptRetriever, MiniLMEmbeddings
 from chat.session import ChatSession
 from core.content.concepts import CONCEPTS_BY_ID
 from core.lm.embedded import EMBEDDED_MODELS, EmbeddedModel, EmbeddedModelError, embedded_folder
 from core.lm.loader import BOT_ADAPTER, FOUNDATION_MODEL, PRETRAINED_DIR, resolve
+from core.lm.sampling import SamplingParams
 
 BOT_EVAL = BOT_ADAPTER / "bot_eval.json"
 
@@ -150,7 +151,7 @@ def test_answers_are_scored_by_concept():
 
 def test_out_of_scope_questions_are_declined_without_calling_the_model(tmp_path, retriever):
     store = ChatStore(tmp_path / "chat.sqlite")
-    backend = load_chat_model("tutor", Sampling(temperature=0, max_tokens=20))
+    backend = load_chat_model("tutor", SamplingParams(temperature=0, max_tokens=20))
     session = ChatSession(store, backend, thread_id="t", retriever=retriever, abstain=True)
     declined = session.ask("How long should I roast a chicken at 200 degrees?")
     assert declined.answer.startswith(ABSTAIN_ANSWER)
@@ -235,7 +236,7 @@ def test_our_gpt_runs_smollm2_exactly_like_transformers():
     # transformers' model ranks first at that point. (transformers' own cached `generate` parts
     # from this at token 28 on this prompt: its cache path drifts from its full forward pass,
     # whose logits equal ours exactly.)
-    greedy = generate(ours, ids, max_new_tokens=50, temperature=0, stop_ids=[])
+    greedy = generate(ours, ids, stop_ids=[], sampling=SamplingParams(max_tokens=50, temperature=0))
     assert len(greedy) == 50
     with torch.no_grad():
         logits = reference(torch.tensor([ids + greedy[:-1]])).logits[0, len(ids) - 1 :]

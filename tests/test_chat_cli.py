@@ -20,10 +20,11 @@ from chat.chain import default_system_prompt
 from chat.cli import register
 from chat.conversations import ChatStore
 from chat.local_model import load_local_model
-from chat.providers import Sampling, default_chat_model, load_chat_model
+from chat.providers import default_chat_model, load_chat_model
 from core import save_model
 from core.lm.chat_format import stop_ids
 from core.lm.model import GPT, GPTConfig
+from core.lm.sampling import SamplingParams
 
 STORY = "Once upon a time, there was a little rabbit named Ben."  # the base model runs on
 
@@ -198,7 +199,7 @@ def test_a_lora_adapter_chats_through_the_cli(tmp_path, lora_adapter):
     ]
     proc = genai_lab_chat(*args, "--model", f"tutor-base+{adapter}", "--once", STORY)
     assert proc.returncode == 0, proc.stderr
-    backend = load_chat_model(f"tutor-base+{adapter}", Sampling(temperature=0, max_tokens=30))
+    backend = load_chat_model(f"tutor-base+{adapter}", SamplingParams(temperature=0, max_tokens=30))
     expected = backend.chat_model.invoke(STORY).content.strip()
     assert proc.stdout.strip() == f"lora> {expected}"
     history = chat_in_process("--db", db, "--history")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from chat.conversations import ChatStore, ChatStoreError
-from chat.providers import ChatBackend, Sampling, load_chat_model
+from chat.providers import ChatBackend, load_chat_model
 from chat.session import ChatSession
+from core.lm.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 TURNS = 8  # per writer
@@ -22,11 +23,12 @@ TURNS = 8  # per writer
 WRITER = """
 import sys
 from chat.conversations import ChatStore
-from chat.providers import Sampling, load_chat_model
+from chat.providers import load_chat_model
 from chat.session import ChatSession
+from core.lm.sampling import SamplingParams
 
 db, name, turns = sys.argv[1], sys.argv[2], int(sys.argv[3])
-backend = load_chat_model("tutor", Sampling(temperature=0, max_tokens=4))
+backend = load_chat_model("tutor", SamplingParams(temperature=0, max_tokens=4))
 session = ChatSession(ChatStore(db), backend, thread_id="shared")
 print("ready", flush=True)
 sys.stdin.readline()
@@ -39,7 +41,7 @@ for i in range(turns):
 
 @pytest.fixture(scope="module")
 def tutor() -> ChatBackend:
-    return load_chat_model("tutor", Sampling(temperature=0, max_tokens=4))
+    return load_chat_model("tutor", SamplingParams(temperature=0, max_tokens=4))
 
 
 def write_turns(session: ChatSession, name: str, start: threading.Barrier | threading.Event):

@@ -12,10 +12,11 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from chat.local_model import ChatLocalModel, load_local_model, prompt_ids
-from chat.providers import ModelSpecError, Sampling, load_chat_model
+from chat.providers import ModelSpecError, load_chat_model
 from core.lm.chat_format import stop_ids
 from core.lm.generate import PromptTooLongError, generate
 from core.lm.loader import resolve_model_path
+from core.lm.sampling import SamplingParams
 
 STORY = "Once upon a time, there was a little rabbit named Ben."  # the base model runs on
 
@@ -73,7 +74,12 @@ def test_greedy_answer_equals_core_generate_and_transformers():
     messages = [SystemMessage("You are a kind tutor."), HumanMessage(STORY)]
     ours = ChatLocalModel(model="tutor-base", temperature=0, max_tokens=40).invoke(messages)
     ids = prompt_ids(tokenizer, messages)
-    reference = generate(gpt, ids, max_new_tokens=40, temperature=0, stop_ids=stop_ids(tokenizer))
+    reference = generate(
+        gpt,
+        ids,
+        stop_ids=stop_ids(tokenizer),
+        sampling=SamplingParams(max_tokens=40, temperature=0),
+    )
     assert ours.content == tokenizer.decode(reference, skip_special_tokens=True)
     hf = AutoModelForCausalLM.from_pretrained(resolve_model_path("tutor-base"), dtype=torch.float32)
     out = hf.generate(
@@ -147,7 +153,7 @@ def test_lora_adapter_chats_and_matches_peft_generate(lora_adapter):
     from peft import PeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sampling = Sampling(temperature=0, max_tokens=30)
+    sampling = SamplingParams(temperature=0, max_tokens=30)
     backend = load_chat_model(f"tutor-base+{lora_adapter}", sampling)
     assert backend.kind == "transformers" and backend.token_inspector
     answer = backend.chat_model.invoke(STORY).content
@@ -185,7 +191,7 @@ def test_the_adapter_folders_own_tokenizer_wins(tmp_path, lora_adapter):
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     )
     own.save_pretrained(folder)
-    backend = load_chat_model(str(folder), Sampling(temperature=0, max_tokens=5))
+    backend = load_chat_model(str(folder), SamplingParams(temperature=0, max_tokens=5))
     hi = [HumanMessage("hi")]
     assert backend.count_tokens(hi) == len(prompt_ids(own, hi)) > len(prompt_ids(tokenizer, hi))
 
@@ -199,7 +205,7 @@ def test_non_llama_folder_goes_through_transformers(tmp_path):
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=96, n_embd=32, n_layer=1, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    backend = load_chat_model(str(tmp_path), Sampling(temperature=0, max_tokens=8))
+    backend = load_chat_model(str(tmp_path), SamplingParams(temperature=0, max_tokens=8))
     assert backend.kind == "transformers" and backend.context_window == 96
     reply = backend.chat_model.invoke("hello")
     assert isinstance(reply.content, str)
@@ -244,21 +250,29 @@ def test_hosted_provider_without_package_or_key(monkeypatch):
         load_chat_model("openai:gpt-4o-mini")
     assert "langchain-openai" in str(info.value) and "OPENAI_API_KEY" not in str(info.value)
     with pytest.raises(ModelSpecError, match="seed works with local models only"):
-        load_chat_model("openai:gpt-4o-mini", Sampling(seed=1))
+        load_chat_model("openai:gpt-4o-mini", SamplingParams(seed=1))
 
 
 @pytest.mark.parametrize(
-    ("sampling", "message"),
+    ("settings", "message"),
     [
-        (Sampling(temperature=-1), "temperature must be"),
-        (Sampling(top_p=0), "top_p must be"),
-        (Sampling(top_k=-3), "top_k must be"),
-        (Sampling(max_tokens=0), "max_tokens must be at least 1"),
+        ({"temperature": -1}, "temperature must be"),
+        ({"top_p": 0}, "top_p must be"),
+        ({"top_k": -3}, "top_k must be"),
+        ({"max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty must be a number > 0"),
+        ({"seed": 2**64}, "seed must be an integer from 0"),
     ],
 )
-def test_bad_sampling_settings_fail_before_loading(sampling, message):
+def test_bad_sampling_settings_fail_before_loading(settings, message):
+    """SamplingParams checks its values when made: a bad one never reaches a model."""
     with pytest.raises(ValueError, match=message):
-        load_chat_model("tutor-base", sampling)
+        SamplingParams(**settings)
+    # a chat model's fields: pydantic checks max_tokens when made, SamplingParams the rest at
+    # the first call (a model is loaded only after that)
+    field_message = "greater than or equal to 1" if "max_tokens" in settings else message
+    with pytest.raises(ValueError, match=field_message):
+        ChatLocalModel(model="tutor-base", **settings).invoke("hi")
 
 
 def test_a_real_conversation_longer_than_the_context_keeps_working(tmp_path):
@@ -268,7 +282,7 @@ def test_a_real_conversation_longer_than_the_context_keeps_working(tmp_path):
     from chat.session import ChatSession
 
     store = ChatStore(tmp_path / "chat.sqlite")
-    backend = load_chat_model("tutor-base", Sampling(temperature=0.8, seed=0))
+    backend = load_chat_model("tutor-base", SamplingParams(temperature=0.8, seed=0))
     session = ChatSession(store, backend, thread_id="long")
     for i in range(10):
         result = session.ask(f"Question {i}: how do tokens, sampling and LoRA fit together?")

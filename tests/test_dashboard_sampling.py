@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 from core import load_model
 from core.lm.generate import stream_steps
 from core.lm.loader import resolve_model_path
-from core.lm.sampling import sample_many, sampling_stages
+from core.lm.sampling import SamplingParams, sample_many, sampling_stages
 from core.lm.tokenizer import load_tokenizer
 from core.train.evaluate import prefix_kl
 from dashboard.lib.next_token import (
@@ -196,7 +196,9 @@ def test_truth_comparison_agrees_with_core_evaluate(model, tokenizer):
 
 def test_step_table_marks_the_chosen_token(model, tokenizer):
     ids = fit_document_prompt(tokenizer, "The cat sat on the", 128).ids
-    steps = list(stream_steps(model, ids, max_new_tokens=3, temperature=0, top_n=5))
+    steps = list(
+        stream_steps(model, ids, top_n=5, sampling=SamplingParams(max_tokens=3, temperature=0))
+    )
     table = step_table(tokenizer, steps[0])
     assert table["chosen"].tolist()[0] == "◀"  # greedy picks the top alternative
     assert table["token"].tolist()[0] == "·mat"

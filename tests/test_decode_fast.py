@@ -14,6 +14,7 @@ import torch
 from core.lm.engines import fast as fast_layers
 from core.lm.generate import decode, generate, stepper_for
 from core.lm.loader import FOUNDATION_MODEL, PRETRAINED_DIR, load, load_model
+from core.lm.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,12 @@ def _greedy_plain(model, ids, n: int) -> list[int]:
     try:
         with torch.inference_mode():
             stepper = stepper_for(model, 1, ids.shape[0] + n)
-            return [int(t) for t, _, _ in decode(stepper, ids[None], n, temperature=0.0)]
+            return [
+                int(t)
+                for t, _, _ in decode(
+                    stepper, ids[None], n, sampling=SamplingParams(temperature=0.0)
+                )
+            ]
     finally:
         fast_layers.install(model)
 
@@ -53,7 +59,7 @@ def test_fast_path_gives_the_plain_paths_logits_and_tokens(tutor):
         cache = model.new_cache(1, ids.shape[1])
         steps = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], 1)
     assert (steps - reference).abs().max() < 1e-4
-    fast = generate(model, ids[0], max_new_tokens=30, temperature=0.0)
+    fast = generate(model, ids[0], sampling=SamplingParams(max_tokens=30, temperature=0.0))
     assert fast_layers.installed(model)  # the loader and the decoding loop install them
     assert _greedy_plain(model, ids[0], 30) == fast
 

@@ -16,15 +16,8 @@ from typer.testing import CliRunner
 from core.train.config import ConfigError, save_config
 from finetune.config import FinetuneConfig
 from finetune.report import _markdown, change_words, overfitting, read_metrics
-from finetune.train import (
-    COMPLETE,
-    FINGERPRINT,
-    check_resume,
-    finetune,
-    fingerprint,
-    intervals,
-    prepare_data,
-)
+from finetune.run import COMPLETE, FINGERPRINT, check_resume, fingerprint, intervals
+from finetune.train import finetune, prepare_data
 
 ROOT = Path(__file__).parents[1]
 DATA = ROOT / "finetune" / "examples" / "data"
@@ -258,8 +251,9 @@ def test_chat_answers_are_bounded_by_default(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chat.local_model import DEFAULT_MAX_TOKENS, ChatLocalModel, load_local_model
-    from chat.providers import Sampling, load_chat_model
+    from chat.providers import load_chat_model
     from core.lm.chat_format import stop_ids
+    from core.lm.sampling import SamplingParams
 
     _, tokenizer = load_local_model("tutor-base")
     config = LlamaConfig(
@@ -281,7 +275,7 @@ def test_chat_answers_are_bounded_by_default(tmp_path):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 
-    backend = load_chat_model(str(tmp_path), Sampling(temperature=0))
+    backend = load_chat_model(str(tmp_path), SamplingParams(temperature=0))
     assert backend.context_window == 4 * DEFAULT_MAX_TOKENS
     reply = backend.chat_model.invoke("hello")
     assert reply.usage_metadata["output_tokens"] == DEFAULT_MAX_TOKENS == 512
@@ -291,10 +285,10 @@ def test_chat_answers_are_bounded_by_default(tmp_path):
 
 
 def test_repetition_penalty_is_checked_before_loading():
-    from chat.providers import Sampling, load_chat_model
+    from core.lm.sampling import SamplingParams
 
     with pytest.raises(ValueError, match="repetition_penalty must be a number > 0"):
-        load_chat_model("tutor-base", Sampling(repetition_penalty=0.0))
+        SamplingParams(repetition_penalty=0.0)  # checked when made, before any model loads
 
 
 def test_report_to_defaults_to_what_is_installed_and_names_a_missing_integration():

@@ -22,11 +22,13 @@ from transformers import AutoModelForCausalLM
 from core.lm.chat_format import encode_prompt, stop_ids
 from core.lm.generate import stream_tokens
 from core.lm.loader import resolve_model_path
+from core.lm.sampling import SamplingParams
 from core.train.config import load_config
 from finetune.config import FinetuneConfig
 from finetune.inference import load_for_generation, stream_generate
 from finetune.merge import merge_adapter
-from finetune.train import COMPLETE, finetune
+from finetune.run import COMPLETE
+from finetune.train import finetune
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "finetune" / "examples"
@@ -93,7 +95,11 @@ def test_generation_with_an_adapter_matches_transformers_generate(qlora_run):
     assert isinstance(model, PeftModel)
     ids = encode_prompt(tokenizer, "What is QLoRA?", chat=True)
     stops = stop_ids(tokenizer, model.generation_config)
-    ours = list(stream_tokens(model, ids, max_new_tokens=24, temperature=0.0, stop_ids=stops))
+    ours = list(
+        stream_tokens(
+            model, ids, stop_ids=stops, sampling=SamplingParams(max_tokens=24, temperature=0.0)
+        )
+    )
     with torch.inference_mode():
         reference = model.generate(
             input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=stops
@@ -102,7 +108,9 @@ def test_generation_with_an_adapter_matches_transformers_generate(qlora_run):
         reference = reference[:-1]
     assert ours == reference and ours
     text = "".join(
-        stream_generate(model, tokenizer, "What is QLoRA?", 24, temperature=0.0, chat=True)
+        stream_generate(
+            model, tokenizer, "What is QLoRA?", SamplingParams(0.0, max_tokens=24), chat=True
+        )
     )
     assert text == tokenizer.decode(ours, skip_special_tokens=True)
 
@@ -239,7 +247,9 @@ def test_generate_cli_with_adapter_prints_the_adapters_answer(qlora_run):
     _, out = qlora_run
     model, tokenizer = load_for_generation(None, str(out / "adapter"))
     expected = "".join(
-        stream_generate(model, tokenizer, "What is QLoRA?", 20, temperature=0.0, chat=True)
+        stream_generate(
+            model, tokenizer, "What is QLoRA?", SamplingParams(0.0, max_tokens=20), chat=True
+        )
     )
     result = subprocess.run(
         [sys.executable, "-m", "core", "generate", "--adapter", str(out / "adapter"), "--chat",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from core.lm.generate import stream_text
+from core.lm.sampling import SamplingParams
 from core.lm.tokenizer import train_tokenizer
 
 
@@ -38,7 +39,11 @@ def test_repetition_penalty_matches_transformers_generate():
         )[0, len(ids) :].tolist()  # fmt: skip
     ours, _ = load("tutor-base")
     for model in (ours, reference):
-        got = generate(model, ids, max_new_tokens=40, temperature=0.0, repetition_penalty=2.5)
+        got = generate(
+            model,
+            ids,
+            sampling=SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=2.5),
+        )
         assert got == out
-    plain = generate(ours, ids, max_new_tokens=40, temperature=0.0)
+    plain = generate(ours, ids, sampling=SamplingParams(max_tokens=40, temperature=0.0))
     assert plain != out  # the penalty really changed the text

@@ -20,6 +20,7 @@ from core.lm.engines.int4 import (
 )
 from core.lm.generate import GPTStepper, decode, generate, stepper_for
 from core.lm.model import GPT, GPTConfig
+from core.lm.sampling import SamplingParams
 
 
 def q4_1_weight(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -126,14 +127,19 @@ def test_int4_greedy_tokens_follow_the_fp32_model():
     model = tiny_gpt(seed=3)
     packed = Int4GPT(model)
     prompt = torch.tensor([5, 17, 33, 2])
-    ours = generate(packed, prompt, max_new_tokens=20, temperature=0.0)
-    reference = generate(model, prompt, max_new_tokens=20, temperature=0.0)
+    ours = generate(packed, prompt, sampling=SamplingParams(max_tokens=20, temperature=0.0))
+    reference = generate(model, prompt, sampling=SamplingParams(max_tokens=20, temperature=0.0))
     assert len(ours) == 20
     # a random tiny model has near-ties; most greedy picks still agree
     assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 16
     stepper = stepper_for(packed, 1, 24)
     with torch.inference_mode():
-        tokens = [int(t) for t, _, _ in decode(stepper, prompt[None], 20, temperature=0.0)]
+        tokens = [
+            int(t)
+            for t, _, _ in decode(
+                stepper, prompt[None], 20, sampling=SamplingParams(temperature=0.0)
+            )
+        ]
     assert tokens == ours  # the same loop, the same tokens
     assert isinstance(stepper_for(model, 1, 24), GPTStepper)
     with pytest.raises(ValueError, match="batch size 1"):

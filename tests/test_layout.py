@@ -193,3 +193,61 @@ def test_every_project_import_names_something_that_exists():
                 if alias.name not in defined and f"{node.module}.{alias.name}" not in modules:
                     broken.append(f"{source.name}: {node.module} has no {alias.name}")
     assert not broken, "\n".join(broken)
+
+
+def python_sources(*packages: str) -> dict[str, str]:
+    return {
+        str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
+        for package in packages
+        for p in (ROOT / package).rglob("*.py")
+        if "pretrained" not in p.parts
+    }
+
+
+def test_the_engines_are_the_only_other_forward_implementation():
+    """core/lm/model.py defines the forward pass; an engine may run it another way (the 4-bit
+    step), and nothing else re-implements attention, rotary embeddings or the norm. fast.py
+    swaps layers (subclasses of model.py's), so it defines none of these."""
+    forward_parts = ("scaled_dot_product_attention(", "def apply_rotary(", "def rotate_half(",
+                     "F.silu(", "class RMSNorm(", "def rms_norm(")  # fmt: skip
+    found = sorted(
+        {
+            f
+            for f, text in python_sources(*PACKAGES).items()
+            for part in forward_parts
+            if part in text
+        }
+    )
+    assert found == ["core/lm/engines/int4.py", "core/lm/model.py"], found
+    model = ast.parse((ROOT / "core/lm/model.py").read_text(encoding="utf-8"))
+    used = {n.attr for n in ast.walk(model) if isinstance(n, ast.Attribute)}
+    speed = used & {"is_inference_mode_enabled", "get_num_threads", "bmm", "rms_norm", "float16"}
+    assert not speed, f"core/lm/model.py has speed code again: {sorted(speed)}"
+
+
+LOOSE_SAMPLING = {"temperature", "top_k", "top_p", "seed", "repetition_penalty", "max_new_tokens"}
+DECODING_ENTRY_POINTS = {"decode", "stream_logits", "stream_tokens", "stream_steps", "generate",
+                         "answer", "sample_batch", "stream_generate"}  # fmt: skip
+
+
+def test_sampling_settings_cross_layers_only_as_sampling_params():
+    """The decoding loop's entry points (core.lm.generate, finetune.inference) take one
+    SamplingParams, never loose temperature/top_k/top_p/seed/penalty/length arguments, and no
+    caller anywhere (tests included) passes those loose."""
+    loose_defs, loose_calls = [], []
+    for path in ("core/lm/generate.py", "finetune/inference.py"):
+        for node in ast.walk(ast.parse((ROOT / path).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef) and node.name in DECODING_ENTRY_POINTS:
+                names = {a.arg for a in node.args.args + node.args.kwonlyargs}
+                if names & (LOOSE_SAMPLING - {"max_new_tokens"}):
+                    loose_defs.append(f"{path}: {node.name}{sorted(names & LOOSE_SAMPLING)}")
+    sources = python_sources(*PACKAGES, "tests")
+    for path, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in DECODING_ENTRY_POINTS):  # fmt: skip
+                loose = {k.arg for k in node.keywords} & LOOSE_SAMPLING
+                if loose and node.func.id != "sample_batch":
+                    loose_calls.append(f"{path}:{node.lineno} {node.func.id}({sorted(loose)})")
+    assert not loose_defs, loose_defs
+    assert not loose_calls, loose_calls

@@ -12,6 +12,7 @@ from core import GPT, GPTConfig, ModelLoadError, load_model, save_model
 from core.lm.engines import prepare
 from core.lm.engines.fast import cast_weights
 from core.lm.generate import PromptTooLongError, generate, stream_steps
+from core.lm.sampling import SamplingParams
 
 CONFIGS = [
     # (hidden, heads, kv_heads, layers, tied, head_dim, bias)
@@ -175,8 +176,10 @@ def test_cast_weights_stores_linear_weights_in_float16_and_keeps_activations():
 def test_greedy_generation_same_with_and_without_cache():
     model = random_gpt(64, 4, 2, 2, False, seed=5)
     prompt = [1, 2, 3, 4, 5]
-    with_cache = generate(model, prompt, max_new_tokens=40, temperature=0.0)
-    without = generate(model, prompt, max_new_tokens=40, temperature=0.0, use_cache=False)
+    with_cache = generate(model, prompt, sampling=SamplingParams(max_tokens=40, temperature=0.0))
+    without = generate(
+        model, prompt, use_cache=False, sampling=SamplingParams(max_tokens=40, temperature=0.0)
+    )
     assert len(with_cache) == 40
     assert with_cache == without
     assert len(set(with_cache)) > 1  # a degenerate model repeating one token would prove little
@@ -184,18 +187,23 @@ def test_greedy_generation_same_with_and_without_cache():
 
 def test_sampled_generation_same_with_and_without_cache():
     model = random_gpt(64, 4, 2, 2, True, seed=6)
-    kw = dict(max_new_tokens=30, temperature=1.0, top_k=20, top_p=0.9, seed=11)
-    assert generate(model, [7, 8], **kw) == generate(model, [7, 8], use_cache=False, **kw)
+    sampling = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=11, max_tokens=30)
+    assert generate(model, [7, 8], sampling) == generate(model, [7, 8], sampling, use_cache=False)
 
 
 def test_generation_stops_at_context_and_stop_ids():
     model = random_gpt(64, 4, 2, 2, True)
-    out = generate(model, list(range(60)), max_new_tokens=50, temperature=0.0)
+    out = generate(model, list(range(60)), sampling=SamplingParams(max_tokens=50, temperature=0.0))
     assert len(out) == 4  # 60 prompt tokens + 4 new = the 64-token context
-    first = generate(model, [1, 2], max_new_tokens=5, temperature=0.0)[0]
-    assert generate(model, [1, 2], max_new_tokens=5, temperature=0.0, stop_ids=[first]) == []
+    first = generate(model, [1, 2], sampling=SamplingParams(max_tokens=5, temperature=0.0))[0]
+    assert (
+        generate(
+            model, [1, 2], stop_ids=[first], sampling=SamplingParams(max_tokens=5, temperature=0.0)
+        )
+        == []
+    )
     with pytest.raises(PromptTooLongError, match="context is 64 tokens"):
-        generate(model, list(range(64)), max_new_tokens=1)
+        generate(model, list(range(64)), sampling=SamplingParams(max_tokens=1))
 
 
 def test_parameter_and_flop_counts():
@@ -257,9 +265,13 @@ def test_save_is_atomic_and_overwrites(tmp_path):
 
 def test_stream_steps_report_the_chosen_token_and_alternatives():
     model = random_gpt(64, 4, 2, 2, True, seed=8)
-    steps = list(stream_steps(model, [3, 4, 5], max_new_tokens=10, temperature=0.0, top_n=4))
+    steps = list(
+        stream_steps(
+            model, [3, 4, 5], top_n=4, sampling=SamplingParams(max_tokens=10, temperature=0.0)
+        )
+    )
     assert [s.token_id for s in steps] == generate(
-        model, [3, 4, 5], max_new_tokens=10, temperature=0
+        model, [3, 4, 5], sampling=SamplingParams(max_tokens=10, temperature=0)
     )
     for s in steps:
         assert s.top_ids[0] == s.token_id  # greedy picks the most likely token

@@ -15,6 +15,7 @@ from core import load_model
 from core.lm.chat_format import encode_prompt, stop_ids
 from core.lm.generate import generate, sample_batch
 from core.lm.loader import PRETRAINED_DIR
+from core.lm.sampling import SamplingParams
 from core.lm.tokenizer import load_tokenizer
 from core.train.losses import dpo_loss, gae, ppo_losses
 from core.train.stages.rlhf import RLHFConfig, rlhf
@@ -153,13 +154,13 @@ def test_batched_greedy_sampling_equals_batch_one_generation():
     prompts = ["What is a token?", "What is a cat?"]  # equal token length (checked below)
     encoded = [encode_prompt(TOKENIZER, p) for p in prompts]
     assert len(encoded[0]) == len(encoded[1])
-    answers, lengths, ended = sample_batch(
-        model, torch.tensor(encoded), 20, stop_ids(TOKENIZER), TOKENIZER.pad_token_id,
-        temperature=0.0,
-    )  # fmt: skip
+    answers, lengths, ended = sample_batch(model, torch.tensor(encoded), 20, stop_ids(TOKENIZER), TOKENIZER.pad_token_id, sampling=SamplingParams(temperature=0.0))  # fmt: skip
     for i, ids in enumerate(encoded):
         single = generate(
-            model, ids, max_new_tokens=20, temperature=0, stop_ids=stop_ids(TOKENIZER)
+            model,
+            ids,
+            stop_ids=stop_ids(TOKENIZER),
+            sampling=SamplingParams(max_tokens=20, temperature=0),
         )
         n = int(lengths[i])
         got = answers[i, :n].tolist()

@@ -20,6 +20,7 @@ import torch
 
 from core.lm.loader import save_model
 from core.lm.model import GPT, GPTConfig
+from core.lm.sampling import SamplingParams
 from core.train.losses import lm_loss
 
 BENCH_CONFIG = dict(
@@ -242,7 +243,12 @@ def real_model_decode(
         if isinstance(model, GPT) and not fast:
             fast_layers.uninstall(model)  # the plain model: what training runs, op for op
         stepper = stepper_for(model, 1, prompt_len + new_tokens)
-        tokens = [int(t) for t, _, _ in decode(stepper, prompt, new_tokens, temperature=0.0)]
+        tokens = [
+            int(t)
+            for t, _, _ in decode(
+                stepper, prompt, new_tokens, sampling=SamplingParams(temperature=0.0)
+            )
+        ]
         if isinstance(model, GPT):
             fast_layers.install(model)
         return tokens
@@ -255,7 +261,10 @@ def real_model_decode(
     @torch.inference_mode()
     def ours_first_token(model: GPT | Int4GPT) -> list[int]:
         stepper = stepper_for(model, 1, prefill_len + 1)
-        return [int(t) for t, _, _ in decode(stepper, long_prompt, 1, temperature=0.0)]
+        return [
+            int(t)
+            for t, _, _ in decode(stepper, long_prompt, 1, sampling=SamplingParams(temperature=0.0))
+        ]
 
     kwargs = greedy_kwargs(new_tokens)
     runs = {
@@ -341,7 +350,9 @@ def decode_memory_run(variant: str, name: str, new_tokens: int, prompt_len: int 
         if variant == "transformers":
             model.eval().generate(prompt, **greedy_kwargs(new_tokens))
         else:
-            generate(model, prompt[0], max_new_tokens=new_tokens, temperature=0.0)
+            generate(
+                model, prompt[0], sampling=SamplingParams(max_tokens=new_tokens, temperature=0.0)
+            )
     return {
         "variant": variant,
         "rss_after_load_bytes": loaded,

@@ -29,6 +29,7 @@ import torch
 
 from core.atomic import atomic_file
 from core.lm.embedded import cache_dir
+from core.lm.sampling import SamplingParams
 
 LLAMA_CPP_PACKAGE = "llama-cpp-python"
 # Formats written from the shipped file; "Q4_1" is the shipped file as it is.
@@ -174,12 +175,12 @@ def ours_round(models: dict, new_tokens: int, prefill_len: int) -> dict:
         for name, model in models.items():
             start = time.perf_counter()
             stepper = stepper_for(model, 1, prompt.shape[1] + new_tokens)
-            for _ in decode(stepper, prompt, new_tokens, temperature=0.0):
+            for _ in decode(stepper, prompt, new_tokens, sampling=SamplingParams(temperature=0.0)):
                 pass
             seconds = time.perf_counter() - start
             start = time.perf_counter()
             stepper = stepper_for(model, 1, prefill_len + 1)
-            for _ in decode(stepper, long_prompt, 1, temperature=0.0):
+            for _ in decode(stepper, long_prompt, 1, sampling=SamplingParams(temperature=0.0)):
                 pass
             first = time.perf_counter() - start
             out[name] = {"tokens_per_s": new_tokens / seconds, "first_token_s": first}

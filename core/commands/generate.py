@@ -15,8 +15,9 @@ import typer
 
 from core.cli import cli_errors
 from core.lm.chat_format import encode_prompt, ensure_chat_template, stop_ids
-from core.lm.generate import stream_text, stream_tokens
+from core.lm.generate import generation_config, stream_text, stream_tokens
 from core.lm.loader import ModelSpecError, load, resolve
+from core.lm.sampling import SamplingParams
 
 
 @cli_errors
@@ -59,16 +60,14 @@ def generate_command(
     if chat:
         ensure_chat_template(tokenizer)
     ids = encode_prompt(tokenizer, prompt, chat)
-    config = getattr(lm, "generation_config", None) or lm.config
+    config = generation_config(lm)
     tokens = stream_tokens(
         lm,
         ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
         stop_ids=stop_ids(tokenizer, config),
+        sampling=SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        ),
     )
     pieces = stream_text(tokenizer, tokens)
     first = next(pieces, "")  # a prompt that does not fit fails here, before anything is shown

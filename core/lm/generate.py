@@ -24,7 +24,7 @@ from core.lm.engines import prepare
 from core.lm.engines.int4 import Int4Cache, Int4GPT
 from core.lm.loader import context_length
 from core.lm.model import GPT
-from core.lm.sampling import apply_repetition_penalty, probabilities, sample_next_token
+from core.lm.sampling import SamplingParams, apply_repetition_penalty, probabilities
 
 
 class PromptTooLongError(ValueError):
@@ -125,28 +125,27 @@ def decode(
     stepper,
     ids: torch.Tensor,
     budget: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: SamplingParams = SamplingParams(),
     generator: torch.Generator | None = None,
     stop_ids: Iterable[int] = (),
     pad_id: int | None = None,
-    repetition_penalty: float | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[bool]]]:
     """The decoding loop over prompts ids [B, P]. Yields per step (tokens [B], the logits [B, V]
     they were sampled from, which rows produced a stop token now). A finished row keeps being
     fed `pad_id` (batched rollouts); the loop ends when every row has stopped or after `budget`
-    tokens, and never runs the model for a token nobody will sample. `repetition_penalty`
-    (> 1: fewer repeats) applies to every token of the prompt and the answer so far."""
+    tokens, and never runs the model for a token nobody will sample. `sampling`'s repetition
+    penalty (> 1: fewer repeats) applies to every token of the prompt and the answer so far;
+    its seed is the caller's to turn into `generator` (a batch shares one)."""
+    penalty = sampling.repetition_penalty
     stop = set(stop_ids)
     done = [False] * ids.shape[0]
     done_t = None
     seen = ids  # [B, P + step]: what the repetition penalty looks at
     logits = stepper.prefill(ids)  # the whole prompt in one pass
     for step in range(budget):
-        if repetition_penalty not in (None, 1.0):
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        tokens = sample_next_token(logits, temperature, top_k, top_p, generator=generator)
+        if penalty not in (None, 1.0):
+            logits = apply_repetition_penalty(logits, seen, penalty)
+        tokens = sampling.pick(logits, generator)
         if done_t is not None and pad_id is not None:
             tokens = torch.where(done_t, torch.full_like(tokens, pad_id), tokens)
         values = tokens.tolist()
@@ -157,7 +156,7 @@ def decode(
             done_t = torch.tensor(done, device=tokens.device)
         if all(done) or step == budget - 1:
             return
-        if repetition_penalty not in (None, 1.0):
+        if penalty not in (None, 1.0):
             seen = torch.cat([seen, tokens.view(-1, 1)], dim=1)
         logits = stepper.step(tokens)
 
@@ -178,53 +177,59 @@ def _budget(model, prompt_len: int, max_new_tokens: int) -> int:
 # one sequence, streamed
 
 
+DEFAULT_MAX_TOKENS = 64  # an answer's length when `sampling.max_tokens` is None
+
+
 @torch.inference_mode()
 def stream_logits(
     model,
     input_ids: list[int] | torch.Tensor,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
+    sampling: SamplingParams = SamplingParams(),
     stop_ids: Iterable[int] = (),
     use_cache: bool = True,
-    repetition_penalty: float | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(token id, the raw logits [V] it was sampled from) one by one, for a batch of one. Stops
-    at a stop id (not yielded), after `max_new_tokens`, or when the context window is full.
-    `model` is our GPT or a transformers causal LM; the same seed gives the same tokens."""
+    at a stop id (not yielded), after `sampling.max_tokens` (DEFAULT_MAX_TOKENS when None), or
+    when the context window is full. `model` is our GPT, its 4-bit form or a transformers causal
+    LM; the same seed gives the same tokens."""
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
-    budget = _budget(model, ids.shape[1], max_new_tokens)
+    budget = _budget(model, ids.shape[1], sampling.max_tokens or DEFAULT_MAX_TOKENS)
     device = model_device(model)
     ids = ids.to(device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     model = prepare(model)  # our GPT: the fast layers (no-op for any other model)
     stepper = stepper_for(model, 1, ids.shape[1] + budget, use_cache)
     for tokens, logits, stopped in decode(
-        stepper, ids, budget, temperature, top_k, top_p, generator, stop_ids,
-        repetition_penalty=repetition_penalty,
-    ):  # fmt: skip
+        stepper, ids, budget, sampling, sampling.generator(device), stop_ids
+    ):
         if stopped[0]:
             return
         yield int(tokens[0]), logits[0]
 
 
-def stream_tokens(model, input_ids: list[int] | torch.Tensor, **kwargs) -> Iterator[int]:
+def stream_tokens(
+    model,
+    input_ids: list[int] | torch.Tensor,
+    sampling: SamplingParams = SamplingParams(),
+    **kwargs,
+) -> Iterator[int]:
     """New token ids one by one (see `stream_logits` for the arguments).
 
     Without the cache (`use_cache=False`) every step re-reads the whole text (quadratic work);
     with it, each step processes only the newest token. Both give the same tokens (tested).
     """
-    for token_id, _ in stream_logits(model, input_ids, **kwargs):
+    for token_id, _ in stream_logits(model, input_ids, sampling, **kwargs):
         yield token_id
 
 
 def stream_steps(
-    model, input_ids: list[int] | torch.Tensor, top_n: int = 5, **kwargs
+    model,
+    input_ids: list[int] | torch.Tensor,
+    sampling: SamplingParams = SamplingParams(),
+    top_n: int = 5,
+    **kwargs,
 ) -> Iterator[GenerationStep]:
     """Like `stream_tokens`, but each item also carries the model's top alternatives."""
-    for token_id, logits in stream_logits(model, input_ids, **kwargs):
+    for token_id, logits in stream_logits(model, input_ids, sampling, **kwargs):
         probs = probabilities(logits.float())
         top = probs.topk(min(top_n, probs.numel()))
         yield GenerationStep(
@@ -235,9 +240,14 @@ def stream_steps(
         )
 
 
-def generate(model, input_ids: list[int] | torch.Tensor, **kwargs) -> list[int]:
+def generate(
+    model,
+    input_ids: list[int] | torch.Tensor,
+    sampling: SamplingParams = SamplingParams(),
+    **kwargs,
+) -> list[int]:
     """All new tokens of `stream_tokens` as a list."""
-    return list(stream_tokens(model, input_ids, **kwargs))
+    return list(stream_tokens(model, input_ids, sampling, **kwargs))
 
 
 def stream_text(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
@@ -262,23 +272,21 @@ def answer(
     model,
     tokenizer,
     question: str | list[dict],
-    max_new_tokens: int = 60,
-    temperature: float = 0.0,
-    seed: int | None = None,
+    sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=60),
 ) -> str:
     """A chat model's reply to a question or conversation (greedy by default), stopping at the
     end of its turn."""
     ids = encode_prompt(tokenizer, question)
-    config = getattr(model, "generation_config", None) or model.config
     new = generate(
-        model,
-        ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        stop_ids=default_stop_ids(tokenizer, config),
+        model, ids, sampling, stop_ids=default_stop_ids(tokenizer, generation_config(model))
     )
     return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def generation_config(model):
+    """Where a model lists its end-of-answer ids: transformers' generation config, else the
+    model config (ours, and transformers models without one)."""
+    return getattr(model, "generation_config", None) or model.config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +301,7 @@ def sample_batch(
     stop: list[int],
     pad_id: int,
     generator: torch.Generator | None = None,
-    temperature: float = 1.0,
+    sampling: SamplingParams = SamplingParams(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample answers for a batch of prompts of equal length [B, P] through one KV cache.
     (Our GPT has no attention mask, so a batch holds prompts of one token length rather than
@@ -309,7 +317,7 @@ def sample_batch(
     lengths = [0] * B
     tokens = []
     for step_tokens, _, stopped in decode(
-        stepper, prompts.to(device), budget, temperature, generator=generator, stop_ids=stop,
+        stepper, prompts.to(device), budget, sampling, generator=generator, stop_ids=stop,
         pad_id=pad_id,
     ):  # fmt: skip
         tokens.append(step_tokens)

@@ -39,6 +39,68 @@ def _check_args(temperature: float, top_k: int | None, top_p: float | None) -> N
 
 
 # -----------------------------------------------------------------------------
+# the settings, as one value every layer passes whole
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token, and how many: what `genai-lab generate`'s flags, the chat
+    models' fields and the dashboard's sliders turn into, and all that the decoding loop
+    (core.lm.generate) reads. Checked when made, so a bad value fails before a model loads.
+
+    temperature 0 is greedy; top_k None/0 and top_p None/1.0 are off; repetition_penalty > 1
+    makes repeats less likely (None/1.0: off); the same seed gives the same tokens; max_tokens
+    caps the answer (None: the caller's default)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_args(self.temperature, self.top_k, self.top_p)
+        penalty = self.repetition_penalty
+        if penalty is not None and not (
+            isinstance(penalty, int | float) and math.isfinite(penalty) and penalty > 0
+        ):
+            raise ValueError(
+                f"repetition_penalty must be a number > 0 (1.0: none), got {penalty!r}"
+            )
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
+        ):
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**64
+        ):
+            raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A generator seeded with `seed` (None without a seed: torch's global one is used)."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def pick(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Next tokens [B] from logits [B, V] under these settings (no repetition penalty: it
+        needs the text so far, which the decoding loop has)."""
+        return sample_next_token(logits, self.temperature, self.top_k, self.top_p, generator)
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+# -----------------------------------------------------------------------------
 # the three filters; each maps float32 logits [..., V] to float32 logits [..., V]
 
 

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from core.lm.chat_format import encode_prompt, render, stop_ids
-from core.lm.generate import GenerationStep, generate, stream_steps
+from core.lm.generate import GenerationStep, generate, generation_config, stream_steps
+from core.lm.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,16 @@ def evaluate(
 def model_classifier(model, tokenizer, max_new_tokens: int = 4) -> Callable[[list[dict]], str]:
     """Greedy replies from a chat model: a label task has one right answer, so sampling would
     only add noise (and make the accuracy change from run to run)."""
-    stops = stop_ids(tokenizer, getattr(model, "generation_config", None) or model.config)
+    stops = stop_ids(tokenizer, generation_config(model))
 
     def classify(messages: list[dict]) -> str:
         ids = encode_prompt(tokenizer, messages)
-        new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stops)
+        new = generate(
+            model,
+            ids,
+            stop_ids=stops,
+            sampling=SamplingParams(max_tokens=max_new_tokens, temperature=0.0),
+        )
         return tokenizer.decode(new, skip_special_tokens=True).strip()
 
     return classify
@@ -179,14 +185,13 @@ class TokenPiece:
 def answer_steps(model, tokenizer, question: str, max_new_tokens: int = 60) -> list[TokenPiece]:
     """The model's greedy answer, token by token, with each token's probability and the top
     alternatives (probabilities at temperature 1, i.e. what the model believes)."""
-    stops = stop_ids(tokenizer, getattr(model, "generation_config", None) or model.config)
+    stops = stop_ids(tokenizer, generation_config(model))
     steps = stream_steps(
         model,
         encode_prompt(tokenizer, question),
         top_n=5,
-        max_new_tokens=max_new_tokens,
-        temperature=0.0,
         stop_ids=stops,
+        sampling=SamplingParams(max_tokens=max_new_tokens, temperature=0.0),
     )
     return pieces(tokenizer, list(steps))
 

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 
 from core.lm.generate import PromptTooLongError, answer
 from core.lm.loader import PRETRAINED_DIR
+from core.lm.sampling import SamplingParams
 from core.train.stages.feedback import FeedbackStore
 
 STAGES = (
@@ -72,7 +73,12 @@ ANSWER_CALLS = {"count": 0}
 
 def _answer(model, tok, question: str, temperature: float, seed: int) -> str:
     ANSWER_CALLS["count"] += 1
-    return answer(model, tok, question, temperature=temperature, seed=seed)
+    return answer(
+        model,
+        tok,
+        question,
+        sampling=SamplingParams(temperature=temperature, seed=seed, max_tokens=60),
+    )
 
 
 def answers_side_by_side(

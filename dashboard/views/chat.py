@@ -19,10 +19,11 @@ from chat.conversations import (
     export_markdown,
     short_time,
 )
-from chat.providers import Sampling, default_chat_model, load_chat_model
+from chat.providers import default_chat_model, load_chat_model
 from chat.retrieval import ConceptRetriever
 from chat.session import ChatSession, TurnResult
 from core.lm.loader import BOT_MODEL, FOUNDATION_MODEL, PRETRAINED_DIR, SHIPPED_MODELS
+from core.lm.sampling import SamplingParams
 from dashboard.lib.chat import (
     RunningAnswer,
     dropped_note,
@@ -46,7 +47,9 @@ SHOWN_THREADS = 50  # the sidebar lists this many recent conversations
 
 @st.cache_resource(show_spinner="Loading the model ...")
 def backend(spec: str, temperature: float, top_k: int | None, top_p: float | None):
-    loaded = load_chat_model(spec, Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
+    loaded = load_chat_model(
+        spec, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    )
     # Streamlit collects garbage in full after every run (runner.postScriptGC): with torch and a
     # model loaded that walks ~500k objects, 0.5 s of CPU a run, a Stop's run included. The
     # model and the modules stay for the server's life: freeze them out of those collections.

@@ -14,6 +14,7 @@ from chat.embeddings import EMBEDDING_DIM, minilm_parameter_count
 from core.lm.chat_format import encode_prompt
 from core.lm.generate import stream_text, stream_tokens
 from core.lm.loader import PRETRAINED_DIR, SHIPPED_MODELS
+from core.lm.sampling import SamplingParams
 from dashboard.resources import tutor, warm_up_in_background
 
 # "A model is a parameter file plus a run file", shown on our own.
@@ -155,10 +156,8 @@ else:
         tokens = stream_tokens(
             model,
             ids,
-            max_new_tokens=max_new,
-            temperature=temperature,
-            seed=int(seed),
             stop_ids=[tokenizer.eos_token_id],
+            sampling=SamplingParams(max_tokens=max_new, temperature=temperature, seed=int(seed)),
         )
         st.markdown(f"**{prompt}**" + "".join(stream_text(tokenizer, tokens)))
 

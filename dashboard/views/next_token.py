@@ -9,7 +9,7 @@ from core.content import corpus
 from core.lm.chat_format import stop_ids
 from core.lm.generate import stream_steps
 from core.lm.loader import FOUNDATION_MODEL
-from core.lm.sampling import entropy, sample_many, sampling_stages
+from core.lm.sampling import SamplingParams, entropy, sample_many, sampling_stages
 from dashboard.lib.next_token import (
     MAX_PROMPT_CHARS,
     compare_with_truth,
@@ -64,12 +64,10 @@ def generation(
     steps = stream_steps(
         model,
         list(ids),
-        max_new_tokens=budget,
-        temperature=temperature,
-        top_k=top_k or None,
-        top_p=top_p,
-        seed=seed,
         stop_ids=stop_ids(tokenizer, model.config) if stop_at_end else (),
+        sampling=SamplingParams(
+            max_tokens=budget, temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed
+        ),
     )
     return list(steps)
 
