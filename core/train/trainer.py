@@ -24,7 +24,12 @@ from tqdm.auto import tqdm
 from core.atomic import write_text_atomic
 from core.lm.loader import load_model, pick_device
 from core.lm.model import GPT
-from core.train.checkpoint import latest_checkpoint, load_module_state, load_training_state
+from core.train.checkpoint import (
+    latest_checkpoint,
+    load_module_state,
+    load_training_state,
+    refuse_unresumed_checkpoints,
+)
 from core.train.checkpoint import save_checkpoint as save_training_checkpoint
 from core.train.config import ConfigError
 
@@ -219,11 +224,7 @@ def fit(
     `tokens_per_step`, logged records also carry the training throughput."""
     out_dir = Path(out_dir)
     ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise FileExistsError(
-            f"{out_dir} already has checkpoints: pass --resume to continue, or pick another "
-            "--output-dir"
-        )
+    refuse_unresumed_checkpoints(out_dir, ckpt is not None, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     module.train()

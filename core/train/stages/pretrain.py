@@ -38,7 +38,7 @@ from core.lm.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
-from core.train.checkpoint import latest_checkpoint
+from core.train.checkpoint import latest_checkpoint, refuse_unresumed_checkpoints
 from core.train.config import ConfigError
 from core.train.evaluate import mean_loss, next_word_kl
 from core.train.losses import lm_loss
@@ -362,11 +362,7 @@ def pretrain(
         torch.set_num_threads(cfg.threads)
     # Before the data is prepared; this also cleans up after a killed run (see latest_checkpoint).
     has_checkpoint = latest_checkpoint(out_dir) is not None
-    if not resume and has_checkpoint:
-        raise FileExistsError(
-            f"{out_dir} already has checkpoints: pass --resume to continue, or pick another "
-            "--output-dir"
-        )
+    refuse_unresumed_checkpoints(out_dir, has_checkpoint, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Only checkpoints tie a run to its cached data: a resume with none may rebuild it.
     tokenizer, train_tokens, eval_tokens = prepare_data(
