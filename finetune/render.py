@@ -14,12 +14,70 @@ import bisect
 from array import array
 from dataclasses import dataclass
 
-from core.lm.chat_format import DEFAULT_CHAT_TEMPLATE, RenderError, ensure_chat_template
+from core.lm.chat_format import (
+    DEFAULT_CHAT_TEMPLATE,
+    RenderError,
+    has_control_text,
+    tokenize_conversation,
+)
+from core.lm.chat_format import ensure_chat_template as _ensure_chat_template
 from core.lm.chat_format import render as _render
+from core.train.config import ConfigError
 
 # The template a tokenizer without one gets, and how a template is given, live in core.lm.chat_format
 # (one chat format for generation, chat and training); this module adds the training view.
+# Special-token letters inside a message are text here too (core.lm.chat_format's rule), so a
+# model is trained on exactly the ids it is served.
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "Encoded", "RenderError", "encode", "ensure_chat_template"]
+
+# Conversations a working template renders (at least one of them, to something): a template
+# that raises on all, or renders all to nothing, is broken, not the data.
+_PROBES = (
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ],
+    [{"role": "user", "content": "Hi"}],
+)
+
+
+def ensure_chat_template(tokenizer, template: str | None = None) -> str:
+    """core.lm.chat_format.ensure_chat_template (a user's template file wins over the model's),
+    then the template is tried on a few plain conversations: one that raises on all of them or
+    renders them to nothing is a ConfigError naming the template, before any row is judged
+    (instead of every row of the data reported invalid)."""
+    source = _ensure_chat_template(tokenizer, template)
+    check_chat_template(tokenizer, source)
+    return source
+
+
+def check_chat_template(tokenizer, source: str) -> None:
+    """Raise ConfigError when the tokenizer's chat template cannot render a plain conversation.
+    source: where the template came from ("model", "default" or the --chat-template file)."""
+    named = {
+        "model": "the model's own chat template",
+        "default": "the default chat template",
+    }.get(source, f"chat_template: {source} (--chat-template)")
+    problems = []
+    for probe in _PROBES:
+        try:
+            text = _render(tokenizer, probe)
+        except Exception as e:  # a template can raise anything: each is its own fault
+            problems.append(f"{type(e).__name__}: {e}")
+            continue
+        if text.strip():
+            return
+        problems.append("it renders nothing")
+    raise ConfigError(
+        f"{named} cannot render a conversation ({problems[0]}); the data was not checked. "
+        + (
+            "Fix the template file, or leave out --chat-template to use the model's own."
+            if source not in ("model", "default")
+            else "Pass a working template with --chat-template."
+        )
+    )
 
 
 @dataclass
@@ -139,6 +197,11 @@ def encode_many(
             continue
         try:
             text, spans, context = trained_spans(tokenizer, conversation)
+            if has_control_text(tokenizer, _plain(conversation)):
+                # Special-token letters in a message: encoded as text, one row at a time.
+                ids, offsets = _tokenize_as_served(tokenizer, conversation, text)
+                results[n] = Encoded(ids, _mask(offsets, spans, context, train_on_prompt))
+                continue
         except RenderError as e:
             results[n] = e
             continue
@@ -149,6 +212,20 @@ def encode_many(
     ):
         results[n] = Encoded(ids, _mask(offsets, spans, context, train_on_prompt))
     return results
+
+
+def _tokenize_as_served(
+    tokenizer, conversation: list[dict], text: str
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets in `text`) of a conversation whose messages contain the letters of
+    special tokens: only the template's own special tokens get special ids (as in chat)."""
+    tokenized = tokenize_conversation(tokenizer, _plain(conversation))
+    if tokenized.text != text or tokenized.offsets is None:
+        raise RenderError(
+            "a message contains special-token text and the chat template changes message text "
+            "(or the tokenizer gives no offsets), so the answers cannot be located"
+        )
+    return tokenized.ids, tokenized.offsets
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:

@@ -30,7 +30,9 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 
 # Each turn is "<|role|>\n{content}<|end|>\n". The assistant's content and its <|end|> are inside
 # {% generation %}, so `return_assistant_tokens_mask=True` marks exactly what SFT should learn
-# to produce (including when to stop).
+# to produce (including when to stop). The tokenizer alone matches these special tokens anywhere
+# in a text; core.lm.chat_format encodes conversations so that only the ones this template writes
+# get special ids, and the same letters inside a message's content are ordinary text.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from core.lm.chat_format import encode_text, tokenize_conversation
+
 MAX_CHARS = 2_000  # longer text is cut here; the page says so
 WHITESPACE_MARKS = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 # Pastel backgrounds that stay readable with black text; neighbours always differ.
@@ -81,7 +83,10 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 
 def bpe_segments(tokenizer, text: str) -> list[Segment]:
     """Segments of a byte-level BPE tokenizer (e.g. `core.lm.tokenizer.load_tokenizer(...)`)."""
-    ids, offsets = _encode(tokenizer, text)
+    return _bpe_segments(tokenizer, *_encode(tokenizer, text))
+
+
+def _bpe_segments(tokenizer, ids: list[int], offsets: list[tuple[int, int]]) -> list[Segment]:
     segments = []
     for token_id, (start, end), token in zip(
         ids, offsets, tokenizer.convert_ids_to_tokens(ids), strict=True
@@ -185,18 +190,37 @@ def mark_special(tokenizer, segments: list[Segment]) -> list[Segment]:
 @dataclass(frozen=True)
 class ChatTemplateView:
     rendered: str  # the conversation as the one string the model reads
-    token_ids: list[int]  # apply_chat_template(..., tokenize=True)
+    token_ids: list[int]  # what the app feeds the model (core.lm.chat_format)
     segments: list[Segment]  # the rendered string's tokens, special tokens marked
 
 
-def chat_template_view(tokenizer, messages: list[dict[str, str]]) -> ChatTemplateView:
-    """Render `messages` with the tokenizer's chat template, as text and as token ids."""
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    if hasattr(ids, "keys"):  # newer transformers return an encoding
-        ids = ids["input_ids"]
-    segments = mark_special(tokenizer, bpe_segments(tokenizer, rendered))
-    return ChatTemplateView(rendered, list(ids), segments)
+def chat_template_view(
+    tokenizer, messages: list[dict[str, str]], generation_prompt: bool = False
+) -> ChatTemplateView:
+    """Render `messages` with the tokenizer's chat template, as text and as the token ids the app
+    uses: special tokens only where the template wrote them, special-token letters inside a
+    message as ordinary text pieces (core.lm.chat_format.tokenize_conversation)."""
+    tokenized = tokenize_conversation(tokenizer, messages, generation_prompt)
+    segments = mark_special(
+        tokenizer, _bpe_segments(tokenizer, tokenized.ids, tokenized.offsets or [])
+    )
+    return ChatTemplateView(tokenized.text, tokenized.ids, segments)
+
+
+@dataclass(frozen=True)
+class TypedToken:
+    token: str  # a special token's letters, e.g. "<|end|>"
+    real_id: int  # its id, which only the chat template writes
+    typed_ids: list[int]  # the same letters typed in a message: ordinary text pieces
+    typed_pieces: list[str]  # those pieces, readable
+
+
+def typed_vs_real(tokenizer, token: str) -> TypedToken:
+    """A special token as the template writes it (one id) and as a message containing its letters
+    is encoded (several ordinary pieces, none of them special)."""
+    ids = encode_text(tokenizer, token)
+    pieces = [readable_bytes(bpe_token_bytes(t))[0] for t in tokenizer.convert_ids_to_tokens(ids)]
+    return TypedToken(token, tokenizer.convert_tokens_to_ids(token), ids, pieces)
 
 
 def segment_rows(segments: list[Segment], text: str) -> list[dict]:
