@@ -122,9 +122,31 @@ def training_rows(
     return out
 
 
-def write_training_data(out_file: str | Path, model: str = "smollm2-135m-instruct") -> int:
-    """Write the adapter's training rows (JSONL) for `model`'s tokenizer and context."""
+def is_chat_row(row: object) -> bool:
+    """One row as `write_training_data` writes it: {"messages": [{"role", "content"}, ...]}."""
+    if not isinstance(row, dict) or set(row) != {"messages"}:
+        return False
+    messages = row["messages"]
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+    )
+
+
+def write_training_data(
+    out_file: str | Path, model: str = "smollm2-135m-instruct", overwrite: bool | None = None
+) -> int:
+    """Write the adapter's training rows (JSONL) for `model`'s tokenizer and context.
+
+    `out_file` may be new, empty, or an earlier file of chat rows (replaced); any other file is
+    refused before the model loads, or with `overwrite` moved aside to OUT_FILE.old-TIMESTAMP
+    (core.outputs); a folder is refused in one line naming it. `overwrite` None: the caller
+    offers no --overwrite flag, so the refusal does not mention one."""
     from chat.local_model import ChatLocalModel, context_window
+    from core.outputs import claim_output_file, jsonl_file_of
+
+    claim_output_file(out_file, "bot data", jsonl_file_of(is_chat_row), overwrite=overwrite)
 
     chat_model = ChatLocalModel(model=model)
     lm, tokenizer = chat_model.load()

@@ -17,10 +17,11 @@ from typing import Annotated
 import typer
 
 from core.cli import cli_errors
+from core.outputs import OVERWRITE_HELP
 from core.train.config import load_config, parse_set_options
 from finetune.config import FinetuneConfig, config_fields
 
-_FIXED = ("config", "set_", "check", "dry_run", "resume", "quiet")
+_FIXED = ("config", "set_", "check", "dry_run", "resume", "overwrite", "quiet")
 
 
 def _quiet_libraries() -> None:
@@ -59,6 +60,7 @@ def finetune_command(
     check: bool = False,
     dry_run: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     quiet: bool = False,
     **flags,
 ) -> None:
@@ -116,7 +118,9 @@ def finetune_command(
     else:
         from finetune.train import finetune
 
-    report = finetune(cfg, resume=resume, echo=typer.echo, progress=not quiet, color=color)
+    report = finetune(
+        cfg, resume=resume, echo=typer.echo, progress=not quiet, color=color, overwrite=overwrite
+    )
     if report:
         summary = {k: v for k, v in report.items() if k not in ("samples", "config")}
         typer.echo(json.dumps(summary, indent=2))
@@ -152,6 +156,7 @@ _fixed_parameters = [
         "Continue from the newest complete checkpoint, with the run's own settings and data "
         "(checked against its config.yaml, which is never rewritten; --max-steps may grow).",
     ),
+    _switch("overwrite", OVERWRITE_HELP),
     _switch("quiet", "No progress bar."),
 ]
 finetune_command.__signature__ = inspect.Signature(
@@ -162,7 +167,13 @@ finetune_command.__signature__ = inspect.Signature(
 @cli_errors
 def merge_command(
     adapter: Annotated[Path, typer.Option(help="Adapter folder written by `genai-lab finetune`.")],
-    output: Annotated[Path, typer.Option(help="Where the standalone model folder goes.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            help="Where the standalone model folder goes: a new or empty folder, or an earlier "
+            "merge's (replaced)."
+        ),
+    ],
     base: Annotated[
         str | None, typer.Option(help="Base model (default: the one the adapter names).")
     ] = None,
@@ -170,12 +181,22 @@ def merge_command(
         str, typer.Option(help="float32 (lossless merge), bfloat16 or float16.")
     ] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="If --output is not empty, move it aside to OUTPUT.old-TIMESTAMP first "
+            "(nothing is deleted).",
+        ),
+    ] = False,
 ) -> None:
     """Merge an adapter into its base model and check the result against the adapter."""
     from finetune.merge import merge_adapter
 
     _quiet_libraries()
-    merge_adapter(adapter, output, base=base, dtype=dtype, device=device, echo=typer.echo)
+    merge_adapter(
+        adapter, output, base=base, dtype=dtype, device=device, echo=typer.echo, overwrite=overwrite
+    )
 
 
 def register(app: typer.Typer) -> None:

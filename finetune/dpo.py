@@ -163,11 +163,16 @@ def _fmt(r: dict) -> str:
 
 
 def run_dpo(
-    cfg: FinetuneConfig, resume: bool = False, echo=print, progress: bool = True, color=False
+    cfg: FinetuneConfig,
+    resume: bool = False,
+    echo=print,
+    progress: bool = True,
+    color=False,
+    overwrite: bool = False,
 ) -> dict:
     """Check the pairs, train the adapter with DPO, evaluate before and after, save the best
     adapter and report.json / report.md (with the rewards on held-out pairs)."""
-    run = start_run(cfg, resume, echo)
+    run = start_run(cfg, resume, echo, overwrite)
     say = run.say
     data = prepare_preferences(cfg, say)
     device = pick_device(cfg.device)

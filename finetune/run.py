@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -49,10 +51,13 @@ import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, TrainerCallback
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, TrainerState
+from transformers.trainer_utils import rotate_checkpoints
 
 from core.atomic import atomic_directory, write_text_atomic
-from core.train.checkpoint import refuse_unresumed_checkpoints
+from core.killpoints import killpoint
+from core.outputs import claim_output_folder
+from core.train.checkpoint import clean_run_folder, refuse_unresumed_checkpoints
 from core.train.config import ConfigError, read_yaml_mapping, save_config
 from core.train.trainer import MetricsLog
 from finetune.base_model import (
@@ -121,10 +126,30 @@ class Run:
         return checkpoint_step(self.checkpoint) if self.checkpoint else None
 
 
-def start_run(cfg: FinetuneConfig, resume: bool, echo=print) -> Run:
-    """The run's folder after the resume checks (`resume_checkpoint`), before any data loads."""
+def finetune_folder(path: Path) -> bool:
+    """Whether a folder is a fine-tuning run's (so a new run may use it): it holds the files a
+    run writes first (fingerprint.json, checkpoints/, metrics.jsonl) or a finished adapter."""
+    path = Path(path)
+    return (
+        (path / FINGERPRINT).is_file()
+        or (path / "checkpoints").is_dir()
+        or (path / "metrics.jsonl").exists()
+        or (path / "adapter" / ADAPTER_META).is_file()
+    )
+
+
+def start_run(cfg: FinetuneConfig, resume: bool, echo=print, overwrite: bool = False) -> Run:
+    """The run's folder after the resume checks (`resume_checkpoint`), before any data loads.
+    A non-empty folder that is not a run's is refused, or with `overwrite` moved aside (never
+    deleted: core.outputs)."""
     out_dir = Path(cfg.output_dir)
     main = is_main_process()
+    if overwrite and resume:
+        raise ConfigError("--overwrite starts afresh and --resume continues: pass one of them")
+    if main:
+        claim_output_folder(
+            out_dir, "finetune", finetune_folder, overwrite=overwrite, flag="--output-dir"
+        )
     say = echo if main else (lambda *_: None)
     return Run(cfg, out_dir, resume_checkpoint(cfg, out_dir, resume), say, main)
 
@@ -156,8 +181,10 @@ def resume_checkpoint(cfg: FinetuneConfig, out_dir: Path, resume: bool) -> Path 
     """The checkpoint a run continues from (None: a fresh run), after the checks every method
     makes before any data or model loads: half-written checkpoints dropped, a folder with
     checkpoints needs --resume, --resume needs one, and a resumed run's settings and data must be
-    those it started with."""
+    those it started with. What a killed run left half-written (an adapter or report under its
+    temp name, a checkpoint without COMPLETE) is cleared first, whether or not this run resumes."""
     if is_main_process():
+        clean_run_folder(out_dir)  # core.atomic's temps whose writer is gone
         drop_incomplete_checkpoints(out_dir)
     existing = complete_checkpoints(out_dir)
     refuse_unresumed_checkpoints(out_dir, bool(existing), resume)
@@ -197,7 +224,9 @@ def _shown(value) -> str:
 
 def check_resume(cfg: FinetuneConfig, out_dir: Path) -> None:
     """Raise ConfigError naming every defining key whose saved value differs from this run's,
-    both values, in one line; config.yaml and fingerprint.json are only read."""
+    both values, in one line; config.yaml and fingerprint.json are only read. A saved config
+    missing keys (cut short, or hand-edited) is refused naming them: what it lacks cannot be
+    checked."""
     config_file = out_dir / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(
@@ -209,10 +238,15 @@ def check_resume(cfg: FinetuneConfig, out_dir: Path) -> None:
     except ConfigError as e:
         raise ConfigError(f"--resume: {e}") from None
     current = asdict(cfg)
+    missing = [key for key in current if key not in saved]
+    if missing:
+        raise ConfigError(
+            f"--resume: {config_file} lacks {', '.join(missing)} (cut short or edited), so this "
+            "run cannot be checked against the one it would continue; pass a new --output-dir"
+        )
     was, now = [], []
     for key, value in current.items():
-        # A key the saved config lacks was added later: its old meaning is unknown, not wrong.
-        if key in RESUME_MAY_CHANGE or key not in saved or saved[key] == value:
+        if key in RESUME_MAY_CHANGE or saved[key] == value:
             continue
         was.append(f"{key}={_shown(saved[key])}")
         now.append(f"{key}={_shown(value)}")
@@ -258,7 +292,9 @@ def run_callbacks(
         """Each log line (training loss, learning rate, eval loss) as one JSON object."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if metrics is None or not logs:
+            # transformers' summary of one train() call (train_runtime, and a train_loss of the
+            # resumed part only): report.json has the whole run's instead.
+            if metrics is None or not logs or "train_runtime" in logs:
                 return
             record = {"step": state.global_step, "epoch": state.epoch}
             record.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
@@ -425,40 +461,120 @@ def tensorboard_dir(path: Path):
         os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
 
 
+class _MovedBestCheckpoint(logging.Filter):
+    """transformers warns that a resumed state's best checkpoint "does not exist anymore" when
+    the path is not a folder as seen from the cwd; ours are relative to the run folder and
+    resolved right after (`Resumed`), so the warning would be wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "recorded in the resumed state does not exist" not in record.getMessage()
+
+
+logging.getLogger("transformers.trainer").addFilter(_MovedBestCheckpoint())
+
+
+def run_relative(path: str | Path, run_dir: Path) -> str:
+    """A path inside the run folder as stored in the run's files: relative to the run folder, so
+    the folder can be moved (or was given relative to another cwd) and still resume."""
+    return os.path.relpath(path, run_dir)
+
+
 def marked_trainer(base):
     """`base` (TRL's SFTTrainer or DPOTrainer) with complete-marked checkpoints."""
 
     class FinetuneTrainer(base):
-        """A TRL trainer whose checkpoints are marked complete only once fully written, and
-        carry the training loss and time so far (transformers reports both for the last
-        `train()` call only, which after a resume is only the resumed part)."""
+        """A TRL trainer whose checkpoints are marked complete only once fully written (older
+        ones are pruned after that, never before), name their best checkpoint relative to the
+        run folder, and carry the training loss and time so far: transformers reports both for
+        the last `train()` call only, and restarts its loss sums at a resume. `Resumed` puts
+        them back, so a resumed run sums the very same floats as an uninterrupted one."""
 
-        prior_loss_sum = 0.0  # from the checkpoint resumed from
-        prior_seconds = 0.0
+        resume_totals: dict | None = None  # run_totals.json of the checkpoint resumed from
+        resume_best: str | None = None  # that checkpoint's best checkpoint, as stored
         started: float | None = None  # perf_counter() when this train() call began
 
-        def segment_loss_sum(self) -> float:
-            """Summed per-step training loss of this train() call so far (what transformers
-            divides by the steps run in it)."""
-            tr_loss = getattr(self, "_tr_loss", None)
-            pending = float(tr_loss.item()) if tr_loss is not None else 0.0
-            return getattr(self, "_total_loss_scalar", 0.0) + pending
+        @property
+        def prior_seconds(self) -> float:
+            return float((self.resume_totals or {}).get("train_seconds", 0.0))
 
         def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save:
-                step = self.state.global_step
-                folder = Path(self.args.output_dir) / f"checkpoint-{step}"
-                elapsed = time.perf_counter() - self.started if self.started else 0.0
-                totals = {
-                    "step": step,
-                    "train_loss_sum": self.prior_loss_sum + self.segment_loss_sum(),
-                    "train_seconds": self.prior_seconds + elapsed,
-                }
-                write_text_atomic(folder / TOTALS, json.dumps(totals) + "\n")
-                (folder / COMPLETE).write_text(f"{step}\n")
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None  # pruned below, once this checkpoint is complete
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if not self.args.should_save:
+                return
+            step = self.state.global_step
+            checkpoints = Path(self.args.output_dir)
+            folder = checkpoints / f"checkpoint-{step}"
+            state_file = folder / "trainer_state.json"
+            state = json.loads(state_file.read_text())
+            if state.get("best_model_checkpoint"):
+                state["best_model_checkpoint"] = run_relative(
+                    state["best_model_checkpoint"], checkpoints.parent
+                )
+                write_text_atomic(state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
+            elapsed = time.perf_counter() - self.started if self.started else 0.0
+            logged = float(self._total_loss_scalar)
+            pending = float(self._tr_loss.item())
+            totals = {
+                "step": step,
+                "train_loss_sum": logged + pending,
+                "train_seconds": self.prior_seconds + elapsed,
+                # transformers' loss bookkeeping, restored on resume (`Resumed`)
+                "loss_logged": logged,
+                "loss_pending": pending,
+                "last_logged_step": self._globalstep_last_logged,
+                # TRL's: tokens trained on, per-step metrics averaged at the next log
+                "tokens_seen": getattr(self, "_total_train_tokens", 0),
+                "pending_metrics": dict(getattr(self, "_metrics", {}).get("train", {})),
+            }
+            write_text_atomic(folder / TOTALS, json.dumps(totals) + "\n")
+            (folder / COMPLETE).write_text(f"{step}\n")
+            rotate_checkpoints(
+                output_dir=str(checkpoints),
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+            killpoint("after-checkpoint", step)  # tests: killed with a complete checkpoint
 
     return FinetuneTrainer
+
+
+class Resumed(TrainerCallback):
+    """At the start of a resumed train(): transformers' loss sums as they were at the checkpoint
+    (it restarts them at zero), and the best checkpoint, stored relative to the run folder,
+    found in this run's checkpoints folder."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        totals = trainer.resume_totals
+        if totals is not None:
+            trainer._total_loss_scalar = float(totals.get("loss_logged", totals["train_loss_sum"]))
+            pending = float(totals.get("loss_pending", 0.0))
+            trainer._tr_loss = torch.tensor(pending, device=trainer._tr_loss.device)
+            trainer._globalstep_last_logged = int(totals.get("last_logged_step", totals["step"]))
+            if "tokens_seen" in totals and hasattr(trainer, "_total_train_tokens"):
+                trainer._total_train_tokens = totals["tokens_seen"]
+            if "pending_metrics" in totals and hasattr(trainer, "_metrics"):
+                trainer._metrics["train"] = defaultdict(list, totals["pending_metrics"])
+        best = best_folder(args, trainer.resume_best)
+        if best is not None:
+            state.best_model_checkpoint = best
+
+
+def best_folder(args, stored: str | None) -> str | None:
+    """The best checkpoint a saved state names (relative to the run folder, or a path from older
+    code), as this run's trainer names it; None when it is gone."""
+    if not stored:
+        return None
+    folder = Path(args.output_dir) / Path(stored).name
+    return os.path.join(args.output_dir, folder.name) if folder.is_dir() else None
 
 
 def make_trainer(run: Run, base, args, callbacks: list, **kwargs):
@@ -471,17 +587,20 @@ def make_trainer(run: Run, base, args, callbacks: list, **kwargs):
     with tensorboard_dir(run.out_dir / "tensorboard"):
         trainer = marked_trainer(base)(args=args, callbacks=callbacks, **kwargs)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; we keep JSONL instead
-    trainer.prior_loss_sum, trainer.prior_seconds = read_totals(run.checkpoint)
+    if run.checkpoint is not None:
+        trainer.resume_totals = read_totals(run.checkpoint)
+        saved = json.loads((run.checkpoint / "trainer_state.json").read_text())
+        trainer.resume_best = saved.get("best_model_checkpoint")
+        trainer.add_callback(Resumed(trainer))
     return trainer
 
 
-def read_totals(checkpoint: Path | None) -> tuple[float, float]:
-    """(summed training loss, seconds) up to a checkpoint; zeros for a fresh start, or for a
-    checkpoint from before run_totals.json was written."""
-    if checkpoint is None or not (checkpoint / TOTALS).is_file():
-        return 0.0, 0.0
-    totals = json.loads((checkpoint / TOTALS).read_text())
-    return float(totals["train_loss_sum"]), float(totals["train_seconds"])
+def read_totals(checkpoint: Path) -> dict:
+    """run_totals.json of a checkpoint (zeros for one from before it was written)."""
+    if not (checkpoint / TOTALS).is_file():
+        step = checkpoint_step(checkpoint)
+        return {"step": step, "train_loss_sum": 0.0, "train_seconds": 0.0}
+    return json.loads((checkpoint / TOTALS).read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,20 +636,52 @@ def evaluate_before(trainer, run: Run) -> dict:
 
 def run_training(trainer, run: Run) -> Trained:
     """Train (from the run's checkpoint, if any), then evaluate the last step and find the best
-    checkpoint, whose adapter the trainer has loaded back."""
+    checkpoint, whose adapter the trainer has loaded back. A run killed after its training
+    ended (while saving the adapter or the report) resumes from its last checkpoint without
+    training: `finished_state` restores what train() would have left."""
     checkpoint = run.checkpoint
-    trainer.started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and training_finished(trainer, run):
+        run.say(f"training had finished at step {run.resume_step}: saving the adapter and report")
+        finished_state(trainer, checkpoint)
+        loss_sum = float(trainer.resume_totals["train_loss_sum"])
+        train_seconds = trainer.prior_seconds
+    else:
+        trainer.started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        # transformers' own train_loss covers this train() call only; its loss sum, carried
+        # over from the checkpoint resumed from (`Resumed`), covers the whole run.
+        loss_sum = float(trainer._total_loss_scalar)
+        train_seconds = trainer.prior_seconds + time.perf_counter() - trainer.started
     state = trainer.state
-    # transformers' loss and time cover this train() call only; the checkpoint resumed from
-    # carries what came before it, so the report covers the whole run.
-    steps_run = state.global_step - (run.resume_step or 0)
-    train_loss = (trainer.prior_loss_sum + result.training_loss * steps_run) / max(
-        state.global_step, 1
-    )
-    train_seconds = trainer.prior_seconds + time.perf_counter() - trainer.started
+    train_loss = loss_sum / max(state.global_step, 1)
     last = final_eval(trainer)
     return Trained(state, train_loss, train_seconds, last, best_checkpoint(trainer, last))
+
+
+def training_finished(trainer, run: Run) -> bool:
+    """Whether the checkpoint resumed from ends the run: at its last step, or stopped early by
+    the same plan. (transformers would train one step past the end from there.)"""
+    total = total_steps(run.cfg, len(trainer.train_dataset))
+    if run.resume_step >= total:
+        return True
+    saved = json.loads((run.checkpoint / "trainer_state.json").read_text())
+    control = saved.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+    return bool(control.get("should_training_stop")) and saved.get("max_steps") == total
+
+
+def finished_state(trainer, checkpoint: Path) -> None:
+    """What train() leaves at its end, from the run's last checkpoint: its state, the best
+    checkpoint's adapter loaded back, and with save_total_limit 1 only the best kept."""
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    state.best_model_checkpoint = best_folder(trainer.args, state.best_model_checkpoint)
+    trainer.state = state
+    best = state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best is not None:
+        trainer._load_best_model()
+        if trainer.args.should_save and trainer.args.save_total_limit == 1:
+            for folder in Path(trainer.args.output_dir).iterdir():
+                if CHECKPOINT.match(folder.name) and folder.name != Path(best).name:
+                    shutil.rmtree(folder, ignore_errors=True)
 
 
 def final_eval(trainer) -> dict:
@@ -588,6 +739,8 @@ def save_adapter(peft_model, tokenizer, path: Path, meta: dict) -> Path:
         config = json.loads(config_file.read_text())
         config["base_model_name_or_path"] = meta["base_model"]
         config_file.write_text(json.dumps(config, indent=2) + "\n")
+        killpoint("adapter-save")  # tests: killed with the folder not yet renamed in
+    killpoint("after-adapter-save")  # tests: killed with the adapter saved, no report yet
     return path
 
 
@@ -617,7 +770,7 @@ def run_report(
         **settings,
         "device": device,
         "processes": trainer.args.world_size,
-        "adapter": str(adapter_dir),
+        "adapter": run_relative(adapter_dir, run.out_dir),  # the run folder can move
         "adapter_step": trained.best["step"],
         "steps": state.global_step,
         "max_steps": state.max_steps,
@@ -640,8 +793,9 @@ def finish(run: Run, report: dict, write: Callable[[dict, Path], None]) -> dict:
     """Write the report (`write(report, out_dir)`: report.json, the loss curve, report.md...)
     and say where the adapter and the report are."""
     write(report, run.out_dir)
+    killpoint("after-report")  # tests: killed with everything written
     run.say(
-        f"adapter: {report['adapter']} (step {report['adapter_step']}); "
+        f"adapter: {run.out_dir / report['adapter']} (step {report['adapter_step']}); "
         f"report: {run.out_dir / 'report.md'}"
     )
     return report

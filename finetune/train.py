@@ -245,6 +245,7 @@ def finetune(
     progress: bool = True,
     color=False,
     extra_callbacks: tuple = (),
+    overwrite: bool = False,
 ) -> dict:
     """Check the data, train, evaluate before and after, save the best adapter and the report.
     extra_callbacks: more TrainerCallbacks (`genai-lab bench` times the steps with one)."""
@@ -252,7 +253,7 @@ def finetune(
         raise ValueError(
             "method: dpo runs through finetune.dpo.run_dpo (or `genai-lab finetune --method dpo`)"
         )
-    run = start_run(cfg, resume, echo)  # before any data is encoded
+    run = start_run(cfg, resume, echo, overwrite)  # before any data is encoded
     say = run.say
     data = prepare_data(cfg, say, color, progress=progress and run.main)
     device = pick_device(cfg.device)

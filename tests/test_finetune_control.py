@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -81,6 +83,24 @@ def test_resume_names_every_differing_key_and_edited_data_but_allows_a_longer_ru
     assert "\n" not in message
     assert "has lora_rank=8, data=" in message and "this run has lora_rank=16, data=" in message
     assert message.count("sha256") == 2
+
+
+def test_resume_refuses_a_cut_short_config_naming_the_file_and_the_missing_keys(tmp_path):
+    data = str(shutil.copy(ALPACA, tmp_path / "rows.json"))
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(data=data, output_dir=str(out))
+    started_run(out, cfg)
+    text = (out / "config.yaml").read_bytes()
+    (out / "config.yaml").write_bytes(text[:200])  # a config.yaml cut short (a copy, a disk)
+    saved = yaml.safe_load(text[:200])
+    missing = [key for key in asdict(cfg) if key not in saved]
+    assert missing and len(missing) < len(asdict(cfg)) - 2  # a cut that still parses
+    with pytest.raises(ConfigError) as e:
+        check_resume(cfg, out)
+    assert str(e.value) == (
+        f"--resume: {out / 'config.yaml'} lacks {', '.join(missing)} (cut short or edited), so "
+        "this run cannot be checked against the one it would continue; pass a new --output-dir"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,46 @@ def test_a_failing_command_is_failed_with_its_exit_code(root):
     assert "bad input" in job.log_tail()
     missing = wait(jobs.start(["no-such-command-here"]))
     assert missing.status == "failed" and "cannot start" in missing.log_tail()
+    assert missing.state()["exit_code"] == 127  # as a shell says "command not found"
+
+
+@pytest.mark.slow
+def test_every_failed_job_has_its_log_line_when_its_state_says_failed(tmp_path):
+    """200 failing jobs at once (a missing executable, a command that exits 3), in 40 queues so
+    that many runners finish together: the moment a job's state says failed, its log already
+    holds its line (the runner fsyncs the log before it writes the state)."""
+    expected: dict[str, tuple[Job, str, int]] = {}
+    try:
+        for i in range(200):
+            root = tmp_path / f"root-{i % 40}"
+            if i % 2:
+                argv = [PY, "-c", f"import sys; print('bad input {i}'); sys.exit(3)"]
+                line, code = f"bad input {i}", 3
+            else:
+                argv, line, code = (
+                    [f"no-such-command-{i}"],
+                    f"cannot start no-such-command-{i}",
+                    127,
+                )
+            job = jobs.start(argv, root=root)
+            expected[str(job.folder)] = (job, line, code)
+        pending = dict(expected)
+        deadline = time.monotonic() + 600  # generous: 200 processes on a loaded 2-core machine
+        while pending:
+            assert time.monotonic() < deadline, f"{len(pending)} jobs still not ended"
+            for key, (job, line, code) in list(pending.items()):
+                state = job.state()
+                if state["status"] in jobs.ACTIVE:
+                    continue
+                # Read right after the state: a log written after it would show up here empty.
+                assert line in job.log_tail(), (job.id, state, job.log_tail())
+                assert state["status"] == "failed" and state["exit_code"] == code, (job.id, state)
+                del pending[key]
+            time.sleep(0.05)
+    finally:
+        for job, _, _ in expected.values():  # no test leaves a process behind
+            if job.active:
+                job.cancel(grace_s=0.5)
 
 
 def test_cancel_stops_the_whole_process_group_and_records_cancelled(root):

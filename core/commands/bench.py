@@ -9,8 +9,10 @@ from typing import Annotated
 
 import typer
 
+from core.atomic import write_text_atomic
 from core.cli import cli_errors
 from core.lm.loader import naming_write_errors
+from core.outputs import OVERWRITE_HELP, claim_output_file, json_file_with_keys
 
 
 @cli_errors
@@ -18,7 +20,13 @@ def bench_command(
     quick: Annotated[
         bool, typer.Option("--quick", help="Fewer repetitions (for smoke tests).")
     ] = False,
-    output: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the results as JSON (a new file, or an earlier bench report, which "
+            "is replaced)."
+        ),
+    ] = None,
     only: Annotated[
         list[str] | None,
         typer.Option(help="Run only these sections: core, finetune, chat, dashboard."),
@@ -32,10 +40,13 @@ def bench_command(
             "message when that fails."
         ),
     ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Measure our code against transformers side by side in one run and print the ratios."""
     # Each package contributes its own section through the `genai_lab.bench` entry points.
     sections = sorted(entry_points(group="genai_lab.bench"), key=lambda e: e.name)
+    # An earlier report of ours: a JSON object keyed by section names (and "against").
+    own_report = json_file_with_keys([e.name for e in sections] + ["against"])
     if only:
         names = [e.name for e in sections]
         unknown = [name for name in only if name not in names]
@@ -47,6 +58,8 @@ def bench_command(
         raise ValueError(f"--against: got {unknown[0]!r}, the one known is 'llama.cpp'")
     if output is not None and output.is_dir():
         raise ValueError(f"--output: {output} is a folder; give a file name for the JSON")
+    if output is not None:  # before the minutes of measuring: never over someone else's file
+        claim_output_file(output, "bench", own_report, overwrite=overwrite)
     results = {}
     for ep in sections:
         typer.echo(f"== {ep.name} ==")
@@ -58,7 +71,7 @@ def bench_command(
         results["against"] = {"llama.cpp": against_llama_cpp(quick=quick, echo=typer.echo)}
     if output:
         with naming_write_errors(output):
-            output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+            write_text_atomic(output, json.dumps(results, indent=2, default=str) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,7 +1,11 @@
 """The training-stage subcommands: `pretrain`, `sft`, `reward`, `rlhf`, `pipeline` (and
 `feedback-retrain`, on the dashboard's stored rankings). Each builds
 its stage's config from YAML, `--set key=value` and flags (in that order of precedence, flags
-last), and calls the stage in core/train/stages/."""
+last), and calls the stage in core/train/stages/.
+
+Every --output-dir is claimed first (core.outputs): a new or empty folder, or the command's own
+run folder; a folder of anything else is refused in one line, or with --overwrite moved aside to
+DIR.old-TIMESTAMP. Nothing of the user's is deleted or written over."""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import typer
 
 from core.cli import cli_errors
 from core.lm.chat_format import encode_conversation, mask_view
-from core.lm.loader import resolve_model_path, ship_model
+from core.lm.loader import PRETRAINED_DIR, resolve_model_path, ship_model
 from core.lm.tokenizer import load_tokenizer
+from core.outputs import OVERWRITE_HELP, claim_output_folder
 from core.train.config import ConfigError, load_config, parse_set_options
 from core.train.data import conversation_messages, load_rows
 from core.train.stages.pipeline import load_pipeline_config, markdown_report, run_pipeline
@@ -42,6 +47,84 @@ SkipOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)]
+
+
+def _stage_config_file(path: Path) -> bool:
+    """A stage's config.yaml: a YAML mapping with the training keys every stage writes."""
+    import yaml
+
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and {"max_steps", "learning_rate"} <= data.keys()
+
+
+def run_folder(path: Path) -> bool:
+    """A training stage's own --output-dir (pretrain, sft, reward, rlhf), by what a run writes
+    first: checkpoints/, metrics.jsonl, its config.yaml, pre-training's data cache, sft's rejects."""
+    path = Path(path)
+    return (
+        (path / "checkpoints").is_dir()
+        or (path / "metrics.jsonl").exists()
+        or (path / "tokens.safetensors").is_file()
+        or any((path / "rejects" / name).is_file() for name in ("train.jsonl", "eval.jsonl"))
+        or _stage_config_file(path / "config.yaml")
+    )
+
+
+def pipeline_folder(path: Path) -> bool:
+    """`genai-lab pipeline`'s own --output-dir: its stage runs, its timings, or its base model."""
+    path = Path(path)
+    return (
+        (path / "runs").is_dir()
+        or (path / "timings.json").is_file()
+        or (path / "base" / "config.json").is_file()
+    )
+
+
+def retrain_folder(path: Path) -> bool:
+    """`genai-lab feedback-retrain`'s own --output-dir: its results or its two stage runs."""
+    path = Path(path)
+    return (
+        (path / "retrain.json").is_file()
+        or (path / "heldout.jsonl").is_file()
+        or run_folder(path / "reward")
+        or run_folder(path / "policy")
+    )
+
+
+def claim_output_dir(
+    output_dir: Path, command: str, own, overwrite: bool, resume: bool = False
+) -> None:
+    """The --output-dir rule (core.outputs) before any work; --overwrite starts afresh, so it
+    cannot be combined with --resume."""
+    if overwrite and resume:
+        raise ConfigError(
+            "--overwrite starts afresh (the old folder moved aside) and --resume continues it: "
+            "pass one of them"
+        )
+    claim_output_folder(output_dir, command, own, overwrite=overwrite, flag="--output-dir")
+
+
+def check_ship_name(name: str) -> Path:
+    """--ship NAME: a plain folder name under core/pretrained, free or holding a shipped model
+    (which the new one replaces). Checked before training, not after."""
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\"):
+        raise ConfigError(
+            f"--ship: got {name!r}, must be a plain folder name (it goes to core/pretrained/NAME)"
+        )
+    dest = PRETRAINED_DIR / name
+    if dest.exists() or dest.is_symlink():
+        model = dest.is_dir() and (dest / "config.json").is_file()
+        if not model and not (dest.is_dir() and not any(dest.iterdir())):
+            raise ConfigError(
+                f"--ship: {dest} exists and is not a model genai-lab shipped: pass another NAME"
+            )
+    return dest
 
 
 def _summary(report: dict) -> None:
@@ -81,6 +164,7 @@ def pretrain_command(
         str | None, typer.Option(help="Also copy the result (fp16) to core/pretrained/NAME.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Stage 1: pre-train the GPT on the bundled corpus (or your own text) from scratch."""
     overrides = _overrides(
@@ -93,6 +177,10 @@ def pretrain_command(
         device=device,
     )
     cfg = load_config(PretrainConfig, config or DEFAULT_CONFIG, overrides)
+    cfg.validate()  # (bad values before the folder is touched)
+    if ship:
+        check_ship_name(ship)
+    claim_output_dir(output_dir, "pretrain", run_folder, overwrite, resume)
     report = pretrain(cfg, output_dir, resume=resume, progress=not quiet)
     summary = {k: v for k, v in report.items() if k != "config"}
     typer.echo(json.dumps(summary, indent=2))
@@ -123,6 +211,7 @@ def sft_command(
     skip_invalid: SkipOpt = False,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Stage 2: supervised fine-tuning on conversations (loss on the assistant's tokens only)."""
     overrides = _overrides(
@@ -139,6 +228,8 @@ def sft_command(
                 f"{where}: {mask_view(tokenizer, *encode_conversation(tokenizer, messages))}"
             )
         return
+    cfg.validate()
+    claim_output_dir(output_dir, "sft", run_folder, overwrite, resume)
     _summary(sft(cfg, output_dir, resume=resume, progress=not quiet, echo=typer.echo))
 
 
@@ -156,6 +247,7 @@ def reward_command(
     skip_invalid: SkipOpt = False,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Stage 3a: train a reward model on preference pairs (Bradley-Terry loss)."""
     overrides = _overrides(
@@ -164,6 +256,8 @@ def reward_command(
     if skip_invalid:
         overrides["skip_invalid"] = True
     cfg = load_config(RewardConfig, config, overrides)
+    cfg.validate()
+    claim_output_dir(output_dir, "reward", run_folder, overwrite, resume)
     report = train_reward_model(cfg, output_dir, resume=resume, progress=not quiet, echo=typer.echo)
     _summary(report)
 
@@ -184,6 +278,7 @@ def rlhf_command(
     skip_invalid: SkipOpt = False,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Stage 3b: optimise the chat model with PPO against a reward model, or with DPO."""
     overrides = _overrides(
@@ -198,6 +293,8 @@ def rlhf_command(
     if skip_invalid:
         overrides["skip_invalid"] = True
     cfg = load_config(RLHFConfig, config, overrides)
+    cfg.validate()
+    claim_output_dir(output_dir, "rlhf", run_folder, overwrite, resume)
     _summary(rlhf(cfg, output_dir, resume=resume, progress=not quiet, echo=typer.echo))
 
 
@@ -222,12 +319,14 @@ def pipeline_command(
         str, typer.Option(help="Which stage becomes tutor-rlhf: rlhf (PPO) or dpo.")
     ] = "rlhf",
     quiet: QuietOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """All stages: pre-train -> SFT -> reward model -> PPO (+ DPO), with a report. Re-running
     skips finished stages and resumes an interrupted one."""
     overrides = {"base_model": base_model} if base_model else {}
     cfg = load_pipeline_config(config, overrides)
     _check_pipeline_values(cfg, output_dir)
+    claim_output_dir(output_dir, "pipeline", pipeline_folder, overwrite)
     metrics = run_pipeline(cfg, output_dir, progress=not quiet, echo=typer.echo)
     typer.echo(markdown_report(metrics))
     if ship:
@@ -276,6 +375,7 @@ def feedback_retrain_command(
     ] = 0,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Retrain a reward model and a DPO policy on the rankings stored in --db
     (core.train.stages.feedback.retrain), then score each ranked answer with the reward model before
@@ -288,6 +388,7 @@ def feedback_retrain_command(
         raise ConfigError(f"{db}: no feedback store yet (rank some answers first)")
     if reward_steps < 1 or policy_steps < 1:
         raise ConfigError("--reward-steps and --policy-steps must be at least 1")
+    claim_output_dir(output_dir, "feedback-retrain", retrain_folder, overwrite, resume)
     # Small evaluation/checkpoint intervals: the lab runs a few steps, so the defaults
     # (every 25-100 steps) would mean no eval point and no resumable checkpoint.
     reward = {

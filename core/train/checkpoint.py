@@ -20,6 +20,7 @@ from safetensors.torch import load_model as load_module_file
 from safetensors.torch import save_model as save_module_file
 
 from core.atomic import atomic_directory, clean_stale_temps, delete_directory
+from core.killpoints import killpoint
 from core.lm.loader import naming_write_errors, write_model_files
 from core.lm.model import GPT
 
@@ -86,6 +87,7 @@ def save_checkpoint(
         with naming_write_errors(path / "trainer_state.json"):
             (tmp / "optimizer.json").write_text(json.dumps(meta))
             (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}))
+        killpoint("checkpoint-save", step)  # tests: killed with the folder not yet renamed in
     ckpts = list_checkpoints(out_dir)
     complete = [p for p in ckpts if not missing_files(p)]
     if keep >= 1:

@@ -466,14 +466,25 @@ def _run(job: Job) -> int:
             )
         except OSError as e:
             log.write(f"cannot start {command['argv'][0]}: {e}\n".encode())
-            job.update(status="failed", ended=time.time(), exit_code=None, error=str(e))
+            _sync(log)  # the line is on disk before the state says why to read it
+            # As a shell says it: 127 command not found, 126 found but not executable.
+            code = 127 if isinstance(e, FileNotFoundError) else 126
+            job.update(status="failed", ended=time.time(), exit_code=code, error=str(e))
             return 0
         job.update(status="running", started=time.time(), child_pid=child.pid)
         code = child.wait()
+        _sync(log)  # all the command wrote, before the state says it ended
     cancelled = stop["requested"] or job.state().get("cancel_requested")
     status = "cancelled" if cancelled else ("done" if code == 0 else "failed")
     job.update(status=status, ended=time.time(), exit_code=code)
     return 0
+
+
+def _sync(log) -> None:
+    """Flush and fsync the log: a reader that sees a final state (written after this, and
+    fsynced by write_text_atomic) always finds the log complete."""
+    log.flush()
+    os.fsync(log.fileno())
 
 
 def _main(folder: str) -> None:
