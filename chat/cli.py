@@ -5,18 +5,32 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import traceback
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from core.cli import cli_errors
+from core.cli import cli_errors, debug_enabled, describe_error
 
 HELP = """commands:
   /reset          forget this thread's conversation
   /history        show this thread's messages
   /model [SPEC]   show the model, or switch to SPEC (tutor, tutor-sft, PATH, PATH+ADAPTER, ...)
-  /quit           leave (Ctrl-D too); Ctrl-C stops an answer, not the program"""
+  /quit           leave (Ctrl-D too); Ctrl-C stops an answer, not the program
+a message or command that fails prints one `error:` line and the chat goes on; the exit code
+is 0 in a terminal, and 1 when input from a file or pipe had a failed line."""
+# Exit codes, as sqlite3 does it: in a terminal the person saw each error, so leaving with /quit
+# (or Ctrl-D) is a clean exit 0; lines read from a file or pipe are a script, which goes on past a
+# failed line but ends with exit code 1 so its caller sees it; `--once` exits 1 when its message
+# fails. `genai-lab chat --help` says so:
+CHAT_HELP = (
+    "Chat with the tutor (or any model) in the terminal; conversations are saved per thread."
+    "\n\nExit code: 1 if --once's message fails. The REPL reports a failed message or command "
+    "and goes on; it exits 0 in a terminal, or 1 if any line failed when its input comes from "
+    "a file or pipe (a script)."
+)
 
 
 bot_app = typer.Typer(
@@ -27,7 +41,7 @@ bot_app = typer.Typer(
 
 def register(app: typer.Typer) -> None:
     """Add chat's subcommands to the root app."""
-    app.command("chat")(chat_command)
+    app.command("chat", help=CHAT_HELP)(chat_command)
     app.add_typer(bot_app, name="bot")
 
 
@@ -98,16 +112,23 @@ def bot_eval_command(
     from chat.retrieval import ConceptRetriever
 
     _quiet_libraries()
-    rows = read_questions(HELDOUT_FILE)[::every]
     numbers = [str(i + 1) for i in range(len(SETUPS))]
     for i in setup or []:
         if i not in numbers:
             raise ValueError(f"--setup: got {i!r}, must be 1-{len(SETUPS)}")
     chosen = [SETUPS[int(i) - 1] for i in setup] if setup else SETUPS
-    retriever = ConceptRetriever()
+    if rescore and output is None:
+        raise ValueError("--rescore needs --output FILE: the saved answers to score again")
+    if output is not None and output.is_dir():
+        raise ValueError(f"{output}: is a folder; --output needs a file name")
     results = {}
-    if (update or rescore) and output is not None and output.is_file():
-        results = json.loads(output.read_text(encoding="utf-8"))
+    if (update or rescore) and output is not None:
+        # Checked whole before anything loads: a file edited by hand or cut short is one line
+        # naming the setup and field, not a KeyError from the scorer.
+        remeasured = set() if rescore else {s.name for s in chosen}
+        results = read_eval_results(output, [s.name for s in SETUPS], rescore, remeasured)
+    rows = read_questions(HELDOUT_FILE)[::every]
+    retriever = ConceptRetriever()
     if rescore:
         scorer = answer_scorer()
         results = {name: rescore_answers(r, scorer) for name, r in results.items()}
@@ -122,6 +143,104 @@ def bot_eval_command(
         from core.atomic import write_text_atomic
 
         write_text_atomic(output, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+
+
+FIGURES = ("right_concept", "other_concept", "abstained_out_of_scope", "wrongly_abstained")
+
+
+def read_eval_results(
+    path: Path, setups: list[str], rescore: bool, remeasured: Collection[str] = ()
+) -> dict:
+    """The results `bot eval --output` saved, checked for what --rescore (each answer) or
+    --update (each setup's figures, except those measured again) reads; one line naming the
+    file, the setup and the field otherwise. A missing file is {} for --update."""
+    import json
+    import math
+
+    from core.content.tutor_data import TUTOR_ANSWERS
+
+    again = "fix it, or run `genai-lab bot eval --output FILE` without --rescore/--update"
+    if not path.is_file():
+        if rescore:
+            raise ValueError(
+                f"{path}: not found; --rescore scores the answers an earlier "
+                "`genai-lab bot eval --output FILE` saved there"
+            )
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); {again}") from None
+    except json.JSONDecodeError as e:
+        reason = f"{e.msg.removesuffix(' at')} at line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{path}: invalid JSON ({reason}); {again}") from None
+    except RecursionError:
+        raise ValueError(
+            f"{path}: invalid JSON (nested too deeply: lists or objects hundreds of levels "
+            f"down); {again}"
+        ) from None
+
+    def kind(value) -> str:
+        return {dict: "an object", list: "a list", str: "a string", bool: "true/false"}.get(
+            type(value), "null" if value is None else "a number"
+        )
+
+    def number(value, low: float = 0.0, high: float = math.inf) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        try:
+            return low <= float(value) <= high
+        except OverflowError:  # an integer too large for a float
+            return False
+
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object of setup name -> results (as `bot eval --output` "
+            f"writes it), got {kind(data)}; {again}"
+        )
+    for name, result in data.items():
+        if name not in setups:
+            raise ValueError(
+                f"{path}: unknown setup {name!r} (the setups: {', '.join(setups)}); {again}"
+            )
+        where = f"{path}: {name!r}"
+        if not isinstance(result, dict):
+            raise ValueError(f"{where}: expected an object of results, got {kind(result)}; {again}")
+        if name in remeasured:
+            continue
+        if not number(result.get("seconds")):
+            got = kind(result["seconds"]) if "seconds" in result else "nothing"
+            raise ValueError(f"{where}: seconds: expected a number >= 0, got {got}; {again}")
+        if not rescore:
+            for key in FIGURES:
+                if not number(result.get(key), 0.0, 1.0):
+                    got = repr(result[key])[:40] if key in result else "nothing"
+                    raise ValueError(
+                        f"{where}: {key}: expected a share from 0 to 1, got {got}; {again}"
+                    )
+            continue
+        answers = result.get("answers")
+        if not isinstance(answers, list):
+            got = kind(answers) if "answers" in result else "nothing"
+            raise ValueError(f"{where}: answers: expected a list, got {got}; {again}")
+        for i, answer in enumerate(answers):
+            field = f"{where}: answers[{i}]"
+            if not isinstance(answer, dict):
+                raise ValueError(f"{field}: expected an object, got {kind(answer)}; {again}")
+            for key in ("answer", "verdict"):
+                if not isinstance(answer.get(key), str):
+                    got = kind(answer[key]) if key in answer else "nothing"
+                    raise ValueError(f"{field}.{key}: expected a string, got {got}; {again}")
+            concept = answer.get("concept", ...)
+            if concept is not None and (
+                not isinstance(concept, str) or concept not in TUTOR_ANSWERS
+            ):
+                got = "nothing" if concept is ... else repr(concept)[:40]
+                raise ValueError(
+                    f"{field}.concept: got {got}, must be a concept id (such as "
+                    f"{next(iter(TUTOR_ANSWERS))!r}) or null; {again}"
+                )
+    return data
 
 
 @cli_errors
@@ -187,7 +306,8 @@ def chat_command(
         bool, typer.Option("--history", help="Print the thread's messages and exit.")
     ] = False,
 ) -> None:
-    """Chat with the tutor (or any model) in the terminal; conversations are saved per thread."""
+    """Chat with the tutor (or any model) in the terminal; conversations are saved per thread.
+    (Its --help is CHAT_HELP, which also gives the exit codes.)"""
     # Deferred: LangChain, LangGraph and torch take seconds to import, and every `genai-lab`
     # subcommand (and --help) registers this module at start-up.
     from chat.chain import default_system_prompt, notes_in_prompt
@@ -199,13 +319,9 @@ def chat_command(
     notes_in_prompt(grounding, 0)  # an unknown mode fails before anything loads
     if once is not None and history:
         raise ValueError("--once and --history do not go together: use one, then the other")
-    store = ChatStore(db or default_db_path())
-    if history:
-        print_history(store.messages(thread), thread)
-        return
     if once is not None and not once.strip():
         raise ValueError("empty message: --once needs some text")
-    _quiet_libraries()
+    # Every value is checked before the conversation file is opened (or created).
     sampling = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -214,6 +330,11 @@ def chat_command(
         seed=seed,
         max_tokens=max_tokens,
     )
+    store = ChatStore(db or default_db_path())
+    if history:
+        print_history(store.messages(thread), thread)
+        return
+    _quiet_libraries()
     model = model or default_chat_model()
     session = ChatSession(
         store,
@@ -229,12 +350,21 @@ def chat_command(
         if result.sources:
             typer.echo(f"sources: {_sources(result.sources)}", err=True)
         return
-    repl(session, sampling)
+    interactive = _stdin_is_terminal()
+    failed, lines = repl(session, sampling, interactive)
+    if failed and not interactive:  # a script: its caller must see that a line failed
+        typer.echo(f"{failed} of {lines} lines failed (exit code 1)", err=True)
+        raise typer.Exit(1)
 
 
-def repl(session, sampling) -> None:
-    """Read messages until /quit or end of input; errors are reported and the loop goes on."""
-    interactive = sys.stdin.isatty()
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def repl(session, sampling, interactive: bool = True) -> tuple[int, int]:
+    """Read messages until /quit or end of input; errors are reported and the loop goes on.
+    Returns (lines that failed, lines read), for the exit code (see HELP)."""
+    failed = lines = 0
     typer.echo(
         f"genai-lab chat · model {session.backend.spec} · thread {session.thread_id!r} · "
         f"{session.store.path}\n/help for commands; Ctrl-C stops an answer, /quit leaves.",
@@ -244,28 +374,29 @@ def repl(session, sampling) -> None:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
-            return
+            return failed, lines
         except KeyboardInterrupt:
             typer.echo("\n(/quit or Ctrl-D leaves)", err=True)
             continue
         text = line.strip()
         if not text:
             continue
+        lines += 1
         try:
             if text.startswith("/"):
                 if not command(session, text, sampling):
-                    return
+                    return failed, lines
             else:
                 result = _answer(session, text)
                 if result.sources:
                     typer.echo(f"  (sources: {_sources(result.sources)})")
-        except (ValueError, OSError) as e:
-            typer.echo(f"error: {e}", err=True)
         except KeyboardInterrupt:
-            typer.echo("\ninterrupted", err=True)
+            typer.echo("\ninterrupted", err=True)  # the person stopped it: not a failure
         except Exception as e:  # a failing model must not end the conversation
-            first = (str(e).strip() or "no details").splitlines()[0]
-            typer.echo(f"error: {type(e).__name__}: {first}", err=True)
+            failed += 1
+            if debug_enabled():
+                traceback.print_exc()
+            typer.echo(f"error: {describe_error(e)}", err=True)
 
 
 def command(session, text: str, sampling) -> bool:

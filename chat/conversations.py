@@ -67,6 +67,13 @@ EXPORT_FORMAT = "genai-lab-chat/1"  # marks an exported thread, for a future imp
 # Titles given by hand live in a small side table of the same file, so one INSERT OR REPLACE
 # renames atomically and deleting a thread can drop its title in the same transaction.
 TITLES_TABLE = "CREATE TABLE IF NOT EXISTS chat_titles (thread_id TEXT PRIMARY KEY, title TEXT)"
+# What a chat database holds: LangGraph's SqliteSaver tables and ours, with the columns each must
+# have. A file with any other table belongs to another application and is never written to.
+OUR_TABLES = {
+    "checkpoints": {"thread_id", "checkpoint_ns", "checkpoint_id", "checkpoint", "metadata"},
+    "writes": {"thread_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx", "channel", "value"},
+    "chat_titles": {"thread_id", "title"},
+}
 
 # One lock per (database file, thread) for the whole process: sessions sharing a store and
 # separate stores on the same file both wait for each other.
@@ -221,6 +228,7 @@ class ChatStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ChatStoreError(f"{self.path}: cannot create its folder ({e})") from None
+        refuse_foreign_database(self.path, timeout)  # before anything writes to the file
         # check_same_thread=False: SqliteSaver serialises access with its own lock.
         conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=timeout)
         self.checkpointer = SqliteSaver(conn)
@@ -398,6 +406,62 @@ class ChatStore:
 
     def close(self) -> None:
         self.checkpointer.conn.close()
+
+
+def refuse_foreign_database(path: Path, timeout: float = 5.0) -> None:
+    """Refuse, before anything writes to it, a SQLite file that is not a chat database: one with
+    tables other than LangGraph's checkpointer's and ours (OUR_TABLES), or ours with other
+    columns. A new path, an empty file and a chat database are fine. Read through a read-only
+    connection, so another application's file is left exactly as it was."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    # Read-only; first as immutable (no lock, and no -shm/-wal files created beside a WAL
+    # database), unless a writer is at work on it now (its -wal exists), or that read failed (a
+    # writer changing it under us): then with locks, through the files the writer made.
+    active = path.with_name(path.name + "-wal").exists()
+    for mode in ("mode=ro",) if active else ("immutable=1", "mode=ro"):
+        try:
+            foreign, wrong = _tables_of(path, mode, timeout)
+            break
+        except sqlite3.Error as e:
+            if mode == "mode=ro":
+                raise store_error(path, e, "open the chat database") from None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        wrong = f"it holds another application's tables ({shown})"
+    if wrong:
+        raise ChatStoreError(
+            f"{path}: not a chat database: {wrong}; nothing was changed. Pass --db a new file "
+            "name (or a chat database) instead"
+        )
+
+
+def _tables_of(path: Path, mode: str, timeout: float) -> tuple[list[str], str | None]:
+    """(its tables and views that are not ours, what is wrong with one of ours) of a SQLite
+    file, opened with the URI parameter `mode`."""
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=timeout)
+    try:
+        tables = conn.execute(
+            "SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view') "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        ).fetchall()
+        foreign = [name for name, _ in tables if name not in OUR_TABLES]
+        wrong = None
+        for name, kind in tables:
+            if foreign or wrong or name not in OUR_TABLES:
+                continue
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({name!r})")}
+            missing = sorted(OUR_TABLES[name] - have)
+            if kind != "table":
+                wrong = f"its {name!r} is a view, where a chat database has a table"
+            elif missing:
+                columns = "column" if len(missing) == 1 else "columns"
+                wrong = f"its table {name!r} has no {columns} {', '.join(missing)}"
+    finally:
+        conn.close()
+    return foreign, wrong
 
 
 def thread_config(thread_id: str) -> dict:

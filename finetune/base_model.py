@@ -8,6 +8,7 @@ and remote code only runs with `trust_remote_code`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -16,7 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.lm.loader import SHIPPED_NAMES, ModelSpecError, context_length, resolve
+from core.lm.loader import (
+    SHIPPED_NAMES,
+    SUPPORTED_MODEL_TYPES,
+    ModelSpecError,
+    context_length,
+    resolve,
+)
 from core.lm.loader import pick_device as pick_any_device
 from core.train.config import ConfigError
 
@@ -35,6 +42,68 @@ def resolve_model(spec: str) -> str:
     if resolved.hosted:
         raise ModelSpecError(f"{spec}: a hosted model cannot be fine-tuned here")
     return resolved.source
+
+
+# Weight files of a model folder that are pickles (torch.save): never loaded, since unpickling a
+# downloaded file can run any code. transformers would ask for model.safetensors, or torch would
+# suggest `weights_only=False`; we name the file instead.
+PICKLE_MODEL_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+def check_model_folder(folder: str | Path, causal_lm: bool = False, trust_remote_code=False):
+    """Refuse a local model folder transformers cannot load, in one line naming the folder,
+    before transformers reads it (and warns, then fails with a paragraph): its config.json's
+    model_type must be one this transformers knows (with `causal_lm`, one that generates text),
+    and (with `causal_lm`) its weights must be safetensors. Hub ids are left to transformers."""
+    folder = Path(folder).expanduser()
+    config = folder / "config.json"
+    if not folder.is_dir() or not config.is_file():
+        return
+    from transformers import __version__ as version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        hf = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelSpecError(f"{config}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ModelSpecError(f"{config}: expected a JSON object of config keys")
+    model_type = hf.get("model_type")
+    examples = "e.g. gpt2, qwen2, mistral, phi3, gemma"
+    supported = (
+        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (our GPT) and the text-generation "
+        f"model types of transformers {version} ({examples})"
+    )
+    if not (trust_remote_code and hf.get("auto_map")):
+        if not isinstance(model_type, str) or not model_type:
+            raise ModelSpecError(
+                f"{folder}: config.json has no model_type, so transformers cannot tell the "
+                f"architecture; {supported}"
+            )
+        if model_type not in CONFIG_MAPPING_NAMES:
+            raise ModelSpecError(
+                f"{folder}: config.json's model_type {model_type!r} is unknown to transformers; "
+                f"{supported}: check config.json, or upgrade transformers"
+            )
+        if causal_lm and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ModelSpecError(
+                f"{folder}: config.json's model_type {model_type!r} is not a text-generation "
+                f"(causal LM) model; {supported}"
+            )
+    if causal_lm and not any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    ):
+        pickles = [name for name in PICKLE_MODEL_FILES if (folder / name).is_file()]
+        if pickles:
+            raise ModelSpecError(
+                f"{folder / pickles[0]}: a pickle file, which can run code when loaded; only "
+                "safetensors weights are loaded (convert it where you trust it: load it and "
+                "save_pretrained, which writes model.safetensors)"
+            )
+        raise ModelSpecError(
+            f"{folder}: no model.safetensors (only safetensors weights are loaded)"
+        )
 
 
 def model_label(spec: str) -> str:
@@ -73,6 +142,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 
     folder = Path(spec).expanduser()
     only_tokenizer = folder.is_dir() and (folder / "tokenizer_config.json").is_file()
+    check_model_folder(folder if only_tokenizer else resolve_model(spec), False, trust_remote_code)
     with _one_line_errors(spec, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(
             str(folder) if only_tokenizer else resolve_model(spec),
@@ -86,8 +156,10 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 def load_config(spec: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    source = resolve_model(spec)
+    check_model_folder(source, trust_remote_code=trust_remote_code)
     with _one_line_errors(spec, "config"):
-        return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -142,8 +214,10 @@ def load_base_model(
     if quantize:
         kwargs["quantization_config"] = quantization_config(dtype, double_quant)
         kwargs["device_map"] = device_map(device)  # bitsandbytes quantizes while placing weights
+    source = resolve_model(spec)
+    check_model_folder(source, causal_lm=True, trust_remote_code=trust_remote_code)
     with _one_line_errors(spec, "model"):
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if quantize:
         keep_4bit_layers_differentiable(model)
     else:

@@ -108,6 +108,8 @@ def read_rows(path: str | Path, columns: dict[str, str] | None = None) -> list[R
     row, so detection and checks see our names (issues are reported under the file's names by
     `to_conversation(columns=...)`)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a dataset file; {_data_files_in(path)}")
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
     kind = SUFFIXES.get(path.suffix.lower())
@@ -129,12 +131,70 @@ def read_rows(path: str | Path, columns: dict[str, str] | None = None) -> list[R
             rows = _read_json_array(path, text)
         else:
             rows = _read_jsonl(path, text)
+    _check_mapped_columns(path, rows, columns)
     for row in rows:
         if isinstance(row.data, dict):
             row.data = _rename(row.data, columns)
             if kind == "csv":
                 _decode_csv_lists(row)
     return rows
+
+
+def _data_files_in(folder: Path, shown: int = 5) -> str:
+    """What to pass instead of a folder: the files in it that look like data."""
+    try:
+        found = sorted(
+            p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
+        )
+    except OSError as e:
+        return f"cannot list it ({e.strerror}); pass one data file"
+    if not found:
+        return f"it holds no data file ({', '.join(SUFFIXES)}); pass one data file"
+    more = f" (and {len(found) - shown} more)" if len(found) > shown else ""
+    return (
+        f"files in it that look like data: {', '.join(found[:shown])}{more}; pass one of them, "
+        f"e.g. {folder / found[0]}"
+    )
+
+
+def _check_mapped_columns(path: Path, rows: list[Row], columns: dict[str, str] | None) -> None:
+    """Every column a `columns` mapping names must be in the file (in some row): else one line
+    naming the missing ones and the columns the file has, instead of a format that cannot be
+    told from what is left."""
+    if not columns:
+        return
+    have: dict[str, None] = {}
+    inner: dict[str, None] = {}
+    lists = {columns.get(k, k) for k in ("messages", "conversations")}
+    for row in rows:
+        if isinstance(row.data, dict):
+            have.update(dict.fromkeys(row.data))
+            for key in lists:
+                value = row.data.get(key)
+                if isinstance(value, list):
+                    for message in value:
+                        if isinstance(message, dict):
+                            inner.update(dict.fromkeys(message))
+    if not have:
+        return  # nothing parsed: the format check says why
+    missing = [
+        (ours, theirs)
+        for ours, theirs in columns.items()
+        if (ours in MESSAGE_KEYS and inner and theirs not in inner)
+        or (ours not in MESSAGE_KEYS and theirs not in have)
+    ]
+    if not missing:
+        return
+    named = ", ".join(f"{ours}={theirs}" for ours, theirs in missing)
+    absent = ", ".join(repr(theirs) for _, theirs in missing)
+    where = "its messages" if all(ours in MESSAGE_KEYS for ours, _ in missing) else "the file"
+    names = list(inner if where == "its messages" else have)
+    found = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    word = "column" if len(missing) == 1 else "columns"
+    raise DataError(
+        f"{path}: columns: {named}: no {word} {absent} in {where} (it has: {found}); map each "
+        "field to one of those (--columns FIELD=COLUMN,...)"
+    )
 
 
 def check_columns(columns: dict[str, str] | None) -> None:
@@ -247,11 +307,29 @@ def _read_jsonl(path: Path, text: _Text) -> list[Row]:
             try:
                 row.data = json.loads(line)
             except json.JSONDecodeError as e:
-                issue = Issue(row.where, f"invalid JSON ({e.msg} at column {e.colno})")
+                issue = Issue(row.where, f"invalid JSON ({json_error(e)})")
+            except RecursionError:
+                issue = Issue(row.where, f"invalid JSON ({TOO_DEEP})")
         if issue:
             row.issues.append(issue)
         rows.append(row)
     return rows
+
+
+# Python's JSON reader recurses once per level of nesting; no dataset format nests this deep.
+TOO_DEEP = (
+    "nested too deeply: lists or objects inside each other hundreds of levels down; no "
+    "dataset format nests like this, so check what wrote the file"
+)
+
+
+def json_error(e: json.JSONDecodeError) -> str:
+    """json's message and column, in one phrase ("Invalid control character at column 14"):
+    some of its messages end in "at" (they expect a position after them)."""
+    text = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+    if e.msg.startswith("Invalid control character"):
+        text += r"; a tab or line break inside a string must be written as \t or \n"
+    return text
 
 
 def _looks_like_json_lines(text: str) -> bool:
@@ -262,7 +340,7 @@ def _looks_like_json_lines(text: str) -> bool:
     first = stripped.split("\n", 1)[0]
     try:
         return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
@@ -303,7 +381,9 @@ def _read_json_array(path: Path, text: _Text) -> list[Row]:
         try:
             value, end = decoder.raw_decode(source, i)
         except json.JSONDecodeError as e:
-            raise refuse(e.pos, f"{e.msg} in row {len(rows) + 1}") from None
+            raise refuse(e.pos, f"{e.msg.removesuffix(' at')} in row {len(rows) + 1}") from None
+        except RecursionError:
+            raise refuse(i, f"row {len(rows) + 1} is {TOO_DEEP}") from None
         where = f"{path}:{line_col(i)[0]}"
         row = Row(where, source[i:end], value)
         issue = text.bad_byte(where, i, end)
@@ -323,27 +403,35 @@ def _read_json_array(path: Path, text: _Text) -> list[Row]:
 
 def _read_csv(path: Path, text: _Text) -> list[Row]:
     reader = csv.reader(io.StringIO(text.text, newline=""))
+    rows, start = [], 1
     try:
-        header = next(reader)
-    except StopIteration:
-        return []
-    header = [h.strip() for h in header]
-    rows, start = [], reader.line_num + 1
-    for values in reader:
-        where = f"{path}:{start}"
-        raw = ",".join(values)
-        first, start = start, reader.line_num + 1
-        if not any(v.strip() for v in values):
-            continue
-        row = Row(where, raw)
-        issue = text.bad_byte(where, text.line_start(first), text.line_start(start))
-        if issue is None and len(values) != len(header):
-            issue = Issue(where, f"has {len(values)} columns, the header has {len(header)}")
-        if issue:
-            row.issues.append(issue)
-        else:
-            row.data = dict(zip(header, values, strict=True))
-        rows.append(row)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return []
+        header = [h.strip() for h in header]
+        start = reader.line_num + 1
+        for values in reader:
+            where = f"{path}:{start}"
+            raw = ",".join(values)
+            first, start = start, reader.line_num + 1
+            if not any(v.strip() for v in values):
+                continue
+            row = Row(where, raw)
+            issue = text.bad_byte(where, text.line_start(first), text.line_start(start))
+            if issue is None and len(values) != len(header):
+                issue = Issue(where, f"has {len(values)} columns, the header has {len(header)}")
+            if issue:
+                row.issues.append(issue)
+            else:
+                row.data = dict(zip(header, values, strict=True))
+            rows.append(row)
+    except csv.Error as e:  # one line for the whole file: past it nothing reads reliably
+        raise DataError(
+            f"{path}:{start}: not readable as CSV ({e}): a quote left open (it runs on to the "
+            f"end of the file), or a value longer than {csv.field_size_limit()} characters; "
+            "fix the file, or save it as JSON Lines"
+        ) from None
     return rows
 
 
@@ -355,7 +443,9 @@ def _decode_csv_lists(row: Row) -> None:
             try:
                 row.data[key] = json.loads(value)
             except json.JSONDecodeError as e:
-                row.issues.append(Issue(row.where, f"not valid JSON ({e.msg})", key))
+                row.issues.append(Issue(row.where, f"not valid JSON ({json_error(e)})", key))
+            except RecursionError:
+                row.issues.append(Issue(row.where, f"not valid JSON ({TOO_DEEP})", key))
 
 
 def _read_parquet(path: Path) -> list[Row]:

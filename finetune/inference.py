@@ -22,6 +22,7 @@ from core.lm.loader import (
     ModelSpec,
     ModelSpecError,
     UnsupportedModelError,
+    adapter_weights_file,
     check_adapter_weights,
     gpt_from_weights,
     resolve,
@@ -35,12 +36,31 @@ __all__ = ["ADAPTER_META", "load_adapter", "load_for_generation", "load_spec", "
 
 def read_adapter_meta(adapter: str | Path) -> dict:
     """The adapter's base model and training method; refuses folders without safetensors
-    weights (peft would fall back to a pickle)."""
+    weights (peft would fall back to a pickle). The tensors themselves are checked against the
+    base model by `load_adapter`."""
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder}: not an adapter folder (no adapter_config.json)")
-    check_adapter_weights(folder)  # a pickle (.bin) is refused by name, before peft sees it
+    adapter_weights_file(folder)  # a pickle (.bin) is refused by name, before peft sees it
     return read_meta(folder)
+
+
+def layer_shapes(model) -> dict[str, tuple[int, int]]:
+    """{layer name: (in_features, out_features)} of every layer LoRA can adapt (linear layers,
+    bitsandbytes' 4/8-bit ones included; GPT-2's Conv1D; embeddings as (vocabulary, width)), named
+    as peft names them in an adapter file (without its `base_model.model.` prefix)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found[name] = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):
+            found[name] = (module.weight.shape[0], module.weight.shape[1])
+        elif isinstance(module, nn.Embedding):
+            found[name] = (module.num_embeddings, module.embedding_dim)
+    return found
 
 
 def load_adapter(peft_model_class, base_model, adapter: str | Path, **kwargs):
@@ -50,6 +70,10 @@ def load_adapter(peft_model_class, base_model, adapter: str | Path, **kwargs):
     from safetensors import SafetensorError
 
     weights = Path(adapter) / "adapter_model.safetensors"
+    # Before peft reads it: peft loads whatever fits and silently leaves out the rest, so an
+    # empty file or one for other layers would give an adapter that changes nothing.
+    base = getattr(base_model, "name_or_path", "") or ""
+    check_adapter_weights(adapter, layer_shapes(base_model), base=str(base))
     try:
         with warnings.catch_warnings():
             # peft reads transformers' deprecated attributes: their notices are not the user's

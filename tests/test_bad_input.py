@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import traceback
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save as safetensors_bytes
 from typer.testing import CliRunner
 
 from core.cli import DEBUG_ENV, build_app
@@ -116,6 +118,64 @@ def bad(tmp_path_factory) -> dict[str, Path]:
     adapter("no_weights_adapter", {})
     adapter("corrupt_adapter", {"adapter_model.safetensors": weights[:1000]})
     adapter("garbage_adapter", {"adapter_model.safetensors": weights[:1000]}, config="{oops")
+
+    def lora(name: str, tensors: dict[str, list[int]]) -> None:
+        """An adapter (r=4 on q_proj of tutor-base) whose safetensors holds these shapes."""
+        data = {k: torch.zeros(shape) for k, shape in tensors.items()}
+        adapter(name, {"adapter_model.safetensors": safetensors_bytes(data)})
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"  # tutor-base: 192 -> 192 features
+    lora("empty_adapter", {})  # zero tensors: an adapter that would change nothing
+    lora("names_adapter", {"model.embed_tokens.weight": [8, 4]})
+    lora("target_adapter", {f"{q[:-6]}k_proj.lora_A.weight": [4, 192],
+                            f"{q[:-6]}k_proj.lora_B.weight": [64, 4]})  # fmt: skip
+    lora("rank_adapter", {f"{q}.lora_A.weight": [8, 192], f"{q}.lora_B.weight": [192, 8]})
+    lora("half_adapter", {f"{q}.lora_A.weight": [4, 192]})
+    lora("shape_adapter", {f"{q}.lora_A.weight": [4, 96], f"{q}.lora_B.weight": [192, 4]})
+    q9 = q.replace("layers.0", "layers.9")  # tutor-base has 4 layers
+    lora("layer_adapter", {f"{q9}.lora_A.weight": [4, 192], f"{q9}.lora_B.weight": [192, 4]})
+    model("unknown_type", config={**hf, "model_type": "foomodel"})
+    model("no_type", config={k: v for k, v in hf.items() if k != "model_type"})
+    # A Llama our GPT does not run (gelu), so transformers would load it: pickled weights only.
+    model("pickle_model", config={**hf, "hidden_act": "gelu"})
+    (files["pickle_model"] / "model.safetensors").unlink()
+    (files["pickle_model"] / "pytorch_model.bin").write_bytes(b"\x80\x04\x95garbage")
+    model("pickle_core")
+    (files["pickle_core"] / "model.safetensors").rename(files["pickle_core"] / "pytorch_model.bin")
+    files["data_folder"] = root / "data_folder"
+    files["data_folder"].mkdir()
+    shutil.copy(files["ft_good"], files["data_folder"] / "train.jsonl")
+    (files["data_folder"] / "notes.txt").write_text("not data\n")
+    deep = "[" * 100_000 + "]" * 100_000
+    text("deep_row.jsonl", '{"prompt": ' + deep + ', "completion": "b"}\n')
+    text("deep_array.json", '[{"prompt": ' + deep + ', "completion": "b"}]\n')
+    text("long_field.csv", 'prompt,completion\n"' + "x" * 200_000 + '",b\n')
+    text("control_char.jsonl", '{"prompt": "a\tb", "completion": "b"}\n')
+    foreign = root / "other_app.sqlite"  # another application's database
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.close()
+    files["other_app"] = foreign
+    lookalike = root / "lookalike.sqlite"  # a table named like LangGraph's, but not its
+    with sqlite3.connect(lookalike) as conn:
+        conn.execute("CREATE TABLE checkpoints (id INTEGER)")
+    conn.close()
+    files["lookalike"] = lookalike
+    setup = "SmolLM2 plain"  # `bot eval --output` files with what --rescore/--update cannot read
+    text("eval_deep.json", deep)
+    text("eval_list.json", "[1, 2]")
+    text("eval_setup.json", json.dumps({"bogus": {}}))
+    text("eval_value.json", json.dumps({setup: 3}))
+    answer = {"question": "q", "concept": "ai", "answer": 5, "verdict": "right"}
+    text("eval_answer.json", json.dumps({setup: {"seconds": 1, "answers": [answer]}}))
+    answer = {**answer, "answer": "a", "concept": "nope"}
+    text("eval_concept.json", json.dumps({setup: {"seconds": 1, "answers": [answer]}}))
+    figures = {"right_concept": 0, "other_concept": 0, "abstained_out_of_scope": 0}
+    huge = json.dumps({setup: {"seconds": 1, **figures, "wrongly_abstained": 0}})
+    text(
+        "eval_huge.json",
+        huge.replace('"wrongly_abstained": 0', '"wrongly_abstained": 1' + "0" * 400),
+    )
     return files
 
 
@@ -425,6 +485,81 @@ CASES = [
         FAIL,
     ),
     (
+        "generate-empty-adapter",
+        "generate --prompt hi --adapter {empty_adapter}",
+        "{empty_adapter}/adapter_model.safetensors: holds no tensors",
+        FAIL,
+    ),
+    (
+        "generate-adapter-not-lora-names",
+        "generate --prompt hi --adapter {names_adapter}",
+        "tensor 'model.embed_tokens.weight' is not a LoRA weight",
+        FAIL,
+    ),
+    (
+        "generate-adapter-other-targets",
+        "generate --prompt hi --adapter {target_adapter}",
+        "adapts 'k_proj', which adapter_config.json's target_modules (q_proj) does not list",
+        FAIL,
+    ),
+    (
+        "generate-adapter-rank-not-r",
+        "generate --prompt hi --adapter {rank_adapter}",
+        "does not match adapter_config.json's r=4",
+        FAIL,
+    ),
+    (
+        "generate-adapter-half-pair",
+        "generate --prompt hi --adapter {half_adapter}",
+        "q_proj.lora_A.weight' has no lora_B partner",
+        FAIL,
+    ),
+    (
+        "generate-adapter-shape-not-base",
+        "generate --prompt hi --adapter {shape_adapter}",
+        "{shape_adapter}/adapter_model.safetensors: tensor 'base_model.model.model.layers.0."
+        "self_attn.q_proj.lora_A.weight' has shape [4, 96], but the base model",
+        FAIL,
+    ),
+    (
+        "generate-adapter-layer-not-in-base",
+        "generate --prompt hi --adapter {layer_adapter}",
+        "adapts the layer 'model.layers.9.self_attn.q_proj', which the base model",
+        FAIL,
+    ),
+    (
+        "generate-unknown-model-type",
+        "generate --prompt hi --model {unknown_type}",
+        "{unknown_type}: config.json's model_type 'foomodel' is unknown to transformers; "
+        "supported: llama (our GPT)",
+        FAIL,
+    ),
+    (
+        "generate-no-model-type",
+        "generate --prompt hi --model {no_type}",
+        "{no_type}: config.json has no model_type",
+        FAIL,
+    ),
+    (
+        "generate-pickle-model",
+        "generate --prompt hi --model {pickle_model}",
+        "{pickle_model}/pytorch_model.bin: a pickle file, which can run code when loaded; only "
+        "safetensors weights are loaded",
+        FAIL,
+    ),
+    (
+        "generate-pickle-core-model",
+        "generate --prompt hi --model {pickle_core}",
+        "{pickle_core}: no model.safetensors (found pytorch_model.bin)",
+        FAIL,
+    ),
+    (
+        "generate-seed-too-big",
+        f"generate --model tutor-base --prompt hi --seed {2**64}",
+        f"seed must be an integer from 0 to 2**64 - 1, got {2**64}",
+        FAIL,
+    ),
+    (
         "generate-prompt-too-long",
         "generate --model tutor-base --prompt '" + "word " * 200 + "'",
         "context is 128 tokens",
@@ -558,6 +693,51 @@ CASES = [
         "{trunc}: cannot load the model (corrupt or truncated",
         FAIL,
     ),
+    (
+        "finetune-data-folder",
+        "finetune --check --data {data_folder}",
+        "{data_folder}: a folder, not a dataset file; files in it that look like data: "
+        "train.jsonl; pass one of them",
+        FAIL,
+    ),
+    (
+        "finetune-columns-missing",
+        "finetune --check --data {ft_good} --columns output=answer,instruction=question",
+        "columns: output=answer, instruction=question: no columns 'answer', 'question' in the "
+        "file (it has: prompt, completion)",
+        FAIL,
+    ),
+    (
+        "finetune-deeply-nested-row",
+        "finetune --check --data {deep_row}",
+        "{deep_row}:1: invalid JSON (nested too deeply",
+        FAIL,
+    ),
+    (
+        "finetune-deeply-nested-array",
+        "finetune --check --data {deep_array}",
+        "{deep_array}:1:2: invalid JSON (row 1 is nested too deeply",
+        FAIL,
+    ),
+    (
+        "finetune-csv-field-too-long",
+        "finetune --check --data {long_field}",
+        "{long_field}:2: not readable as CSV (field larger than field limit",
+        FAIL,
+    ),
+    (
+        "finetune-control-character",
+        "finetune --check --data {control_char}",
+        "invalid JSON (Invalid control character at column 14; a tab or line break inside a "
+        "string must be written as \\t or \\n)",
+        FAIL,
+    ),
+    (
+        "finetune-unknown-model-type",
+        "finetune --dry-run --model {unknown_type}",
+        "{unknown_type}: config.json's model_type 'foomodel' is unknown to transformers",
+        FAIL,
+    ),
     ("dry-run-data-empty", "finetune --dry-run --data {empty}", "{empty}: no rows", FAIL),
     ("dry-run-data-binary", "finetune --dry-run --data {binary}", "not a dataset", FAIL),
     (
@@ -624,6 +804,18 @@ CASES = [
         "{corrupt_adapter}/adapter_model.safetensors: corrupt or truncated",
         FAIL,
     ),
+    (
+        "merge-empty-adapter",
+        "merge --adapter {empty_adapter} --output {out} --device cpu",
+        "{empty_adapter}/adapter_model.safetensors: holds no tensors",
+        FAIL,
+    ),
+    (
+        "merge-adapter-shape-not-base",
+        "merge --adapter {shape_adapter} --output {out} --device cpu",
+        "has shape [4, 96], but the base model",
+        FAIL,
+    ),
     # -- chat --once ---------------------------------------------------------------------------------
     (
         "chat-truncated-weights",
@@ -681,6 +873,49 @@ CASES = [
     ),
     ("chat-db-folder", "chat --db {out} --once hi", "is a folder", FAIL),
     (
+        "chat-db-other-application",
+        "chat --db {other_app} --history",
+        "{other_app}: not a chat database: it holds another application's tables (users); "
+        "nothing was changed",
+        FAIL,
+    ),
+    (
+        "chat-db-lookalike-table",
+        "chat --db {lookalike} --once hi",
+        "{lookalike}: not a chat database: its table 'checkpoints' has no columns",
+        FAIL,
+    ),
+    (
+        "chat-once-too-long",
+        "chat --model tutor-base --once '" + "word " * 200 + "'",
+        "the message is 207 tokens; this model reads 128 tokens",
+        FAIL,
+    ),
+    (
+        "chat-seed-negative",
+        "chat --model tutor-base --seed -1 --once hi",
+        "seed must be an integer from 0 to 2**64 - 1, got -1",
+        FAIL,
+    ),
+    (
+        "chat-seed-too-big",
+        f"chat --model tutor-base --seed {2**64} --once hi",
+        f"seed must be an integer from 0 to 2**64 - 1, got {2**64}",
+        FAIL,
+    ),
+    (
+        "chat-unknown-model-type",
+        "chat --model {unknown_type} --once hi",
+        "{unknown_type}: config.json's model_type 'foomodel' is unknown to transformers",
+        FAIL,
+    ),
+    (
+        "chat-empty-adapter",
+        "chat --model tutor-base+{empty_adapter} --once hi",
+        "{empty_adapter}/adapter_model.safetensors: holds no tensors",
+        FAIL,
+    ),
+    (
         "chat-repetition-penalty-negative",
         "chat --model tutor-base --repetition-penalty -1 --once hi",
         "repetition_penalty must be a number > 0",
@@ -693,6 +928,56 @@ CASES = [
     ("bot-ship-missing-run", "bot ship --run {missing}", "no adapter_model.safetensors", FAIL),
     ("bot-eval-setup-9", "bot eval --setup 9", "--setup: got '9', must be 1-4", FAIL),
     ("bot-eval-setup-word", "bot eval --setup two", "--setup: got 'two', must be 1-4", FAIL),
+    ("bot-eval-rescore-no-output", "bot eval --rescore", "--rescore needs --output FILE", FAIL),
+    (
+        "bot-eval-rescore-missing",
+        "bot eval --rescore --output {missing}",
+        "{missing}: not found; --rescore scores the answers",
+        FAIL,
+    ),
+    ("bot-eval-rescore-folder", "bot eval --rescore --output {out}", "is a folder", FAIL),
+    (
+        "bot-eval-rescore-deep",
+        "bot eval --rescore --output {eval_deep}",
+        "{eval_deep}: invalid JSON (nested too deeply",
+        FAIL,
+    ),
+    (
+        "bot-eval-rescore-list",
+        "bot eval --rescore --output {eval_list}",
+        "{eval_list}: expected a JSON object of setup name -> results",
+        FAIL,
+    ),
+    (
+        "bot-eval-rescore-setup",
+        "bot eval --rescore --output {eval_setup}",
+        "{eval_setup}: unknown setup 'bogus'",
+        FAIL,
+    ),
+    (
+        "bot-eval-rescore-value",
+        "bot eval --rescore --output {eval_value}",
+        "{eval_value}: 'SmolLM2 plain': expected an object of results, got a number",
+        FAIL,
+    ),
+    (
+        "bot-eval-rescore-answer",
+        "bot eval --rescore --output {eval_answer}",
+        "{eval_answer}: 'SmolLM2 plain': answers[0].answer: expected a string, got a number",
+        FAIL,
+    ),
+    (
+        "bot-eval-rescore-concept",
+        "bot eval --rescore --output {eval_concept}",
+        "answers[0].concept: got 'nope', must be a concept id",
+        FAIL,
+    ),
+    (
+        "bot-eval-update-huge-number",
+        "bot eval --update --setup 1 --output {eval_huge}",
+        "{eval_huge}: 'SmolLM2 plain': wrongly_abstained: expected a share from 0 to 1",
+        FAIL,
+    ),
     ("bench-only-unknown", "bench --only nothing", "--only: got 'nothing'", FAIL),
     ("bench-output-folder", "bench --output {out}", "is a folder", FAIL),
 ]
@@ -820,3 +1105,16 @@ def test_unexpected_errors_are_one_line_with_their_type(app, tmp_path, monkeypat
     monkeypatch.setattr(core.commands.generate, "resolve", broken)
     result = run(app, ["generate", "--prompt", "hi"])
     assert_one_line_error(result, "KeyError: 'surprise' (run with --debug or GENAI_LAB_DEBUG=1", 1)
+
+
+def test_another_applications_database_is_left_untouched(app, bad, tmp_path):
+    """`chat --db` on another application's SQLite file: refused before any write, the file
+    byte for byte as it was and no journal beside it."""
+    other = tmp_path / "app.sqlite"
+    shutil.copy(bad["other_app"], other)
+    before = other.read_bytes()
+    for args in (["--history"], ["--once", "hi", "--no-retrieval"]):
+        result = run(app, ["chat", "--db", str(other), *args])
+        assert_one_line_error(result, f"{other}: not a chat database", FAIL)
+    assert other.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.sqlite"]

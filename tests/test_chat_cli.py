@@ -44,14 +44,15 @@ def genai_lab_chat(*args: str, stdin: str | None = None) -> subprocess.Completed
     )
 
 
-def chat_in_process(*args: str):
-    """The same command run in this process (typer's CliRunner): for quick checks."""
+def chat_in_process(*args: str, stdin: str | None = None):
+    """The same command run in this process (typer's CliRunner): for quick checks. Its stdin
+    is not a terminal (a script), unless a test patches `chat.cli._stdin_is_terminal`."""
     from typer.testing import CliRunner
 
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)  # two commands, so typer keeps "chat" as a subcommand
-    return CliRunner().invoke(app, ["chat", *args])
+    return CliRunner().invoke(app, ["chat", *args], input=stdin)
 
 
 def assert_one_line_error(result, text: str) -> None:
@@ -102,8 +103,9 @@ def test_repl_commands_and_bad_input_through_stdin(tmp_path):
         "--db", str(db), "--thread", "r", "--no-retrieval", "--model", "tutor",
         stdin="\n".join(lines) + "\n",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # input from a pipe with failed lines: a script
     assert "Traceback" not in proc.stderr
+    assert proc.stderr.rstrip().endswith("3 of 11 lines failed (exit code 1)")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3
     assert "unknown command /bogus" in errors[0]
@@ -216,6 +218,34 @@ def test_once_prints_the_bots_refusal(tmp_path):
     saved = ChatStore(db).messages("default")[-1].text
     assert "can't answer" in saved
     assert result.stdout.strip() == f"tutor-base> {saved}"
+
+
+def test_repl_exit_code_terminal_or_script(tmp_path, monkeypatch):
+    """A failed line (a message longer than the context, an unknown command) is reported and the
+    REPL goes on, in a terminal and from a pipe; a terminal session left with /quit exits 0, a
+    script with a failed line exits 1 at its end, one without exits 0."""
+    import chat.cli
+
+    args = ["--db", str(tmp_path / "chat.sqlite"), "--no-retrieval", "--model", "tutor-base"]
+    lines = "word " * 200 + "\n/bogus\n/help\n/quit\nnever read\n"
+    script = chat_in_process(*args, stdin=lines)
+    assert script.exit_code == 1, script.output
+    assert isinstance(script.exception, SystemExit)
+    errors = [line for line in script.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, script.stderr
+    assert "the message is 207 tokens" in errors[0] and "unknown command /bogus" in errors[1]
+    assert "/quit" in script.stdout  # /help ran after the failures: the REPL went on
+    assert script.stderr.rstrip().endswith("2 of 4 lines failed (exit code 1)")
+    clean = chat_in_process(*args, stdin="/help\n/quit\n")
+    assert clean.exit_code == 0, clean.output
+    monkeypatch.setattr(chat.cli, "_stdin_is_terminal", lambda: True)
+    terminal = chat_in_process(*args, stdin=lines)
+    assert terminal.exit_code == 0, terminal.output  # the person saw the errors, then /quit
+    assert len([x for x in terminal.stderr.splitlines() if x.startswith("error:")]) == 2
+    assert "lines failed" not in terminal.stderr
+    assert "Exit code: 1 if --once's message fails" in " ".join(
+        chat_in_process("--help").stdout.split()
+    )
 
 
 def test_cli_bad_input_is_one_line_and_exit_1(tmp_path):

@@ -170,12 +170,14 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def check_adapter_weights(folder: Path) -> None:
-    """Refuse an adapter without safetensors weights before anything reads it: peft would fall
-    back to a pickle (.bin), and unpickling a downloaded file can run any code."""
-    if (folder / ADAPTER_WEIGHTS).is_file():
-        return
-    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+def adapter_weights_file(folder: Path) -> Path:
+    """The adapter's adapter_model.safetensors, refusing a folder without one before anything
+    reads it: peft would fall back to a pickle (.bin), and unpickling a downloaded file can run
+    any code. Only looks at file names (see `check_adapter_weights` for the contents)."""
+    weights = Path(folder) / ADAPTER_WEIGHTS
+    if weights.is_file():
+        return weights
+    pickles = [name for name in PICKLE_WEIGHTS if (Path(folder) / name).exists()]
     if pickles:
         raise ModelSpecError(
             f"{folder}: {pickles[0]} is a pickle file, which can run code when loaded; only "
@@ -183,6 +185,182 @@ def check_adapter_weights(folder: Path) -> None:
             "which writes safetensors)"
         )
     raise ModelSpecError(f"{folder}: no {ADAPTER_WEIGHTS} (only safetensors weights are loaded)")
+
+
+# A LoRA tensor as peft saves it: `base_model.model.<module>.lora_A.weight` (lora_B; `.bias`
+# with lora_bias; `lora_embedding_A`/`_B` on an embedding, with no `.weight`).
+_LORA_TENSOR = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\."
+    r"(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<param>weight|bias))?$"
+)
+_DORA_TENSOR = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_magnitude_vector(?:\.weight)?$"
+)
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _adapter_config(folder: Path) -> dict:
+    config = folder / ADAPTER_CONFIG
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelSpecError(f"{folder}: cannot read the adapter's config ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelSpecError(f"{config}: expected a JSON object of peft settings")
+    return data
+
+
+def _targets(config: dict, module: str) -> bool:
+    """Whether `module` is one of adapter_config.json's target_modules, the way peft matches
+    them: a list of names (a module's name or its last parts), or a regular expression."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear" or config.get("target_parameters"):
+        return True  # nothing to check against (peft picks the layers itself)
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return True
+    if not isinstance(targets, list):
+        return True  # not peft's layout: peft itself will say so
+    return any(module == t or module.endswith(f".{t}") for t in targets if isinstance(t, str))
+
+
+def _saved_whole(config: dict, module: str) -> bool:
+    """Whether `module` is a layer the adapter saves whole (modules_to_save)."""
+    kept = config.get("modules_to_save") or []
+    kept = kept if isinstance(kept, list) else [kept]
+    parts = module.split(".")
+    return any(
+        isinstance(m, str) and (m in parts or module.endswith(f".{m}") or module == m) for m in kept
+    )
+
+
+def _rank(config: dict, module: str) -> int | None:
+    """The rank adapter_config.json gives a module (rank_pattern, else r); None if unknown."""
+    patterns = config.get("rank_pattern") or {}
+    if not isinstance(patterns, dict):
+        return None
+    for pattern, r in patterns.items():
+        try:
+            if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+                return r if isinstance(r, int) else None
+        except re.error:
+            return None
+    r = config.get("r")
+    return r if isinstance(r, int) and not isinstance(r, bool) else None
+
+
+def _listed(config: dict) -> str:
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        return ", ".join(map(str, targets))
+    return str(targets)
+
+
+def check_adapter_weights(
+    folder: str | Path, layers: dict[str, tuple[int, int]] | None = None, base: str = ""
+) -> None:
+    """Refuse an adapter that cannot be what it claims, before peft reads it (peft loads any
+    file, silently leaving out what does not fit: an adapter that changes nothing). From the
+    safetensors header only: it has tensors, each named as peft names LoRA weights, for a layer
+    adapter_config.json targets, lora_A and lora_B in pairs of its rank r. With `layers` (a base
+    model's {layer name: (in_features, out_features)}, see finetune.inference) each tensor must
+    also fit its layer: lora_A is [r, in_features], lora_B [out_features, r]. One line naming the
+    file and the first wrong tensor."""
+    folder = Path(folder)
+    config = _adapter_config(folder)
+    weights = adapter_weights_file(folder)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            shapes = {}
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                part = f.get_slice(key)
+                shapes[key] = (list(part.get_shape()), part.get_dtype())
+    except SafetensorError as e:
+        raise ModelSpecError(
+            f"{weights}: corrupt or truncated safetensors file ({e}); copy or train it again"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ModelSpecError(f"{weights}: cannot read it ({e}); copy or train it again") from None
+    if not shapes:
+        raise ModelSpecError(
+            f"{weights}: holds no tensors, so the adapter would change nothing; train it again "
+            "or copy the whole adapter folder"
+        )
+    pairs: dict[str, dict[str, tuple[str, list[int]]]] = {}
+    for name in sorted(shapes):
+        shape, dtype = shapes[name]
+        lora, dora = _LORA_TENSOR.match(name), _DORA_TENSOR.match(name)
+        if lora is None and dora is None:
+            if "trainable_tokens_delta" in name and config.get("trainable_token_indices"):
+                continue
+            module = name.removeprefix("base_model.model.").rsplit(".", 1)[0]
+            if _saved_whole(config, module):
+                continue
+            raise ModelSpecError(
+                f"{weights}: tensor {name!r} is not a LoRA weight (peft names them "
+                "base_model.model.<layer>.lora_A.weight and .lora_B.weight); this file is not a "
+                "peft LoRA adapter: train or copy the adapter again"
+            )
+        module = (lora or dora).group("module")
+        if not _targets(config, module):
+            raise ModelSpecError(
+                f"{weights}: tensor {name!r} adapts {module.rsplit('.', 1)[-1]!r}, which "
+                f"{ADAPTER_CONFIG}'s target_modules ({_listed(config)}) does not list; the two "
+                "files come from different adapters: copy the adapter folder again"
+            )
+        if dtype not in _FLOAT_DTYPES:
+            raise ModelSpecError(
+                f"{weights}: tensor {name!r} is {dtype}, not floating point; train or copy the "
+                "adapter again"
+            )
+        if lora is not None and lora.group("param") != "bias":
+            if len(shape) < 2:
+                raise ModelSpecError(
+                    f"{weights}: tensor {name!r} has shape {shape}, a LoRA weight is a matrix; "
+                    "train or copy the adapter again"
+                )
+            pairs.setdefault(module, {})[lora.group("kind")[-1]] = (name, shape)
+    for module, pair in pairs.items():
+        if len(pair) < 2:
+            ((kind, (name, _)),) = pair.items()
+            other = "lora_B" if kind == "A" else "lora_A"
+            raise ModelSpecError(
+                f"{weights}: tensor {name!r} has no {other} partner for {module!r}; the file is "
+                "incomplete: train or copy the adapter again"
+            )
+        (a_name, a), (b_name, b) = pair["A"], pair["B"]
+        r = _rank(config, module)
+        if a[0] != b[1] or (r is not None and a[0] != r):
+            expected = f"adapter_config.json's r={r}" if r is not None else f"{b_name!r}"
+            raise ModelSpecError(
+                f"{weights}: tensor {a_name!r} has shape {a} and {b_name!r} {b}: their rank "
+                f"({a[0]} and {b[1]}) does not match {expected}; the two files come from "
+                "different adapters: copy the adapter folder again"
+            )
+        if layers is None:
+            continue
+        on = f" ({base})" if base else ""
+        if module not in layers:
+            raise ModelSpecError(
+                f"{weights}: tensor {a_name!r} adapts the layer {module!r}, which the base "
+                f"model{on} does not have; the adapter was trained on another model: pass the "
+                "base it was trained on"
+            )
+        fan_in, fan_out = layers[module]
+        if a[1] != fan_in or b[0] != fan_out:
+            name, shape, want = (
+                (a_name, a, f"[{a[0]}, {fan_in}] (r, in_features)")
+                if a[1] != fan_in
+                else (b_name, b, f"[{fan_out}, {b[1]}] (out_features, r)")
+            )
+            raise ModelSpecError(
+                f"{weights}: tensor {name!r} has shape {shape}, but the base model{on} has "
+                f"{module!r} with in_features {fan_in} and out_features {fan_out}, which needs "
+                f"{want}; the adapter was trained on another model: pass the base it was "
+                "trained on"
+            )
 
 
 def read_adapter_meta(adapter: str | Path) -> dict:
@@ -227,7 +405,7 @@ def resolve(spec: str | Path, adapter: str | Path | None = None) -> ModelSpec:
         adapter_dir = Path(adapter).expanduser()
         if not is_adapter_folder(adapter_dir):
             raise ModelSpecError(f"{adapter}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
-        check_adapter_weights(adapter_dir)
+        check_adapter_weights(adapter_dir)  # its files, before any base model loads
         if not text:
             text = read_adapter_meta(adapter_dir).get("base_model") or ""
             if not text:
