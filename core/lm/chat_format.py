@@ -376,9 +376,12 @@ def encode_conversation(
     a message are text, as in encode_prompt (force: that path even without them, for tests)."""
     found = _marked(tokenizer, messages, force)
     if found is None:
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
+        try:
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+        except TemplateError as e:
+            raise RenderError(f"chat template: {e}") from None
         return list(out["input_ids"]), list(out["assistant_masks"])
     from transformers.utils.chat_template_utils import render_jinja_template
 
