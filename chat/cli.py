@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from core.cli import cli_errors, debug_enabled, describe_error
+from core.outputs import OVERWRITE_HELP, claim_output_file, json_file_with_keys
 
 HELP = """commands:
   /reset          forget this thread's conversation
@@ -54,12 +55,14 @@ def bot_data_command(
     model: Annotated[str, typer.Option(help="Whose tokenizer and context shape the prompt.")] = (
         "smollm2-135m-instruct"
     ),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Write the adapter's training rows: the bot's own grounded prompt -> the answer."""
     from chat.bot import write_training_data  # (deferred: loads the model's tokenizer)
 
     _quiet_libraries()
-    typer.echo(f"{write_training_data(output, model)} rows -> {output}")
+    rows = write_training_data(output, model, overwrite=overwrite)
+    typer.echo(f"{rows} rows -> {output}")
 
 
 @bot_app.command("ship")
@@ -127,6 +130,10 @@ def bot_eval_command(
         # naming the setup and field, not a KeyError from the scorer.
         remeasured = set() if rescore else {s.name for s in chosen}
         results = read_eval_results(output, [s.name for s in SETUPS], rescore, remeasured)
+    elif output is not None:  # a fresh measurement replaces only an earlier one of ours
+        claim_output_file(
+            output, "bot eval", json_file_with_keys(s.name for s in SETUPS), overwrite=None
+        )
     rows = read_questions(HELDOUT_FILE)[::every]
     retriever = ConceptRetriever()
     if rescore:

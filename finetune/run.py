@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -647,7 +648,14 @@ def run_training(trainer, run: Run) -> Trained:
         train_seconds = trainer.prior_seconds
     else:
         trainer.started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except pickle.UnpicklingError as e:  # torch refused a checkpoint's optimizer/rng pickle
+            raise ValueError(
+                f"{checkpoint}: a file in this checkpoint holds more than plain tensors, and only "
+                f"those are loaded ({str(e).splitlines()[0]}); resume from another checkpoint "
+                "or start a new --output-dir"
+            ) from None
         # transformers' own train_loss covers this train() call only; its loss sum, carried
         # over from the checkpoint resumed from (`Resumed`), covers the whole run.
         loss_sum = float(trainer._total_loss_scalar)

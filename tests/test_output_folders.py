@@ -391,3 +391,11 @@ def test_finetune_refuses_a_folder_of_user_files_before_any_model_loads(app, tmp
     assert aside_copies(out) == []
     one_line_error(run(app, [*args, "--overwrite", "--resume"]), "pass one of them")
     assert snapshot(out) == before
+
+
+def test_bot_eval_refuses_a_file_that_is_not_its_own_before_measuring(app, tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"mine": 1}\n')
+    result = run(app, ["bot", "eval", "--setup", "1", "--every", "50", "--output", mine])
+    one_line_error(result, f"{mine} exists and was not written by genai-lab bot eval")
+    assert mine.read_text() == '{"mine": 1}\n'

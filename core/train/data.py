@@ -47,6 +47,9 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict | str]]:
         except json.JSONDecodeError as e:
             out.append((where, f"invalid JSON ({e.msg}, column {e.colno})"))
             continue
+        except RecursionError:
+            out.append((where, "invalid JSON (nested too deeply to read)"))
+            continue
         out.append((where, obj if isinstance(obj, dict) else "expected a JSON object"))
     if not out:
         raise DatasetError(f"{path}: no rows")
