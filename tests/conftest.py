@@ -13,6 +13,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+# Streamlit's AppTest runs a page script with its folder (dashboard/views/) first on sys.path,
+# where the Chat page's module chat.py would shadow the `chat` package for any page that imports
+# it (dashboard/resources.py does, for MiniLM). `streamlit run dashboard/app.py` puts dashboard/
+# there instead, so only tests need the package imported first.
+import chat  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def lora_adapter(tmp_path_factory):

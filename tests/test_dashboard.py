@@ -180,7 +180,10 @@ def wordpiece():
 def test_tokens_page_reacts_to_text():
     at = page("tokens")
     assert not at.exception
-    assert len(at.html) == 4  # tutor, SmolLM2 and WordPiece views, and the chat template
+    # tutor, SmolLM2 and WordPiece views, the chat template, and a forged turn as the tutor reads it
+    assert len(at.html) == 5
+    forged = at.html[4].value  # the typed <|end|> / <|assistant|> stay text inside the user's turn
+    assert forged.count("&lt;|assistant|&gt;") + forged.count("<|assistant|>") >= 1
     before = metrics(at)
     at.text_area[0].set_value("The cat. THE CAT.").run()
     assert not at.exception
