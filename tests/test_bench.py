@@ -40,3 +40,18 @@ def test_bench_quick_reports_all_ratios(tmp_path):
         assert figures["peak_rss_decoding_bytes"] > 100 * 2**20
     assert "peak resident memory while decoding" in result.stdout
     assert "SmolLM2-135M-Instruct" in result.stdout and "load average" in result.stdout
+    info = json.loads(out.read_text())["machine"]  # the CPU and its SIMD sets, beside the figures
+    assert info["cpu"] and info["threads"] >= 1 and isinstance(info["simd"], list)
+    assert f"machine: {info['cpu']}, SIMD" in result.stdout
+
+
+def test_cpu_info_reads_the_model_and_simd_sets(tmp_path):
+    from core.bench.machine import cpu_info
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(
+        "processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
+        "processor\t: 1\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+    )
+    assert cpu_info(fake) == ("Example CPU 9000", ["sse4_2", "avx", "avx2", "fma"])
+    assert cpu_info(tmp_path / "missing")[1] == []

@@ -46,7 +46,7 @@ def bench_command(
     # Each package contributes its own section through the `genai_lab.bench` entry points.
     sections = sorted(entry_points(group="genai_lab.bench"), key=lambda e: e.name)
     # An earlier report of ours: a JSON object keyed by section names (and "against").
-    own_report = json_file_with_keys([e.name for e in sections] + ["against"])
+    own_report = json_file_with_keys([e.name for e in sections] + ["against", "machine"])
     if only:
         names = [e.name for e in sections]
         unknown = [name for name in only if name not in names]
@@ -60,7 +60,10 @@ def bench_command(
         raise ValueError(f"--output: {output} is a folder; give a file name for the JSON")
     if output is not None:  # before the minutes of measuring: never over someone else's file
         claim_output_file(output, "bench", own_report, overwrite=overwrite)
-    results = {}
+    from core.bench.machine import describe, machine
+
+    results = {"machine": machine()}  # every figure below is this machine's
+    typer.echo(describe(results["machine"]))
     for ep in sections:
         typer.echo(f"== {ep.name} ==")
         results[ep.name] = ep.load()(quick=quick, echo=typer.echo)
